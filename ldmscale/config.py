@@ -1,0 +1,377 @@
+"""The typed config tree: one dataclass per config group, composed by Hydra from conf/.
+
+Each section is handed to the code that owns it (`build_unet(cfg.model)`), never the
+whole tree. Unknown keys and wrong types fail at compose time with the key's full path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+# conf/ sits beside the package in a source checkout; a wheel carries it as ldmscale/conf.
+_PKG_DIR = Path(__file__).resolve().parent
+CONF_DIR = next(
+    (p for p in (_PKG_DIR / "conf", _PKG_DIR.parent / "conf") if (p / "config.yaml").is_file()),
+    _PKG_DIR.parent / "conf",
+)
+
+
+# ---------------------------------------------------------------------------- model
+@dataclass
+class UNetConfig:
+    """The latent denoiser (LDM/SD U-Net)."""
+
+    preset: str = "tiny"
+    in_channels: int = 4  # latent channels + concatenated conditioning channels
+    out_channels: int = 4
+    model_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [1, 2])  # downsample factors
+    num_heads: int = -1
+    num_head_channels: int = 16
+    transformer_depth: list[int] = field(default_factory=lambda: [1])  # per level; one value broadcasts
+    context_dim: Optional[int] = 64
+    use_linear_in_transformer: bool = True
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    dropout: float = 0.0
+    num_classes: Optional[int] = None
+    adm_in_channels: Optional[int] = None
+    attention_backend: str = "sdpa"  # sdpa | xformers | math
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+# ---------------------------------------------------------------------------- autoencoder
+@dataclass
+class AutoencoderConfig:
+    """The stage-1 autoencoder (KL or VQ) and how its latents are scaled for stage 2."""
+
+    preset: str = "tiny_kl_f4"
+    kind: str = "kl"  # kl | vq
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 32
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 1
+    attn_resolutions: list[int] = field(default_factory=list)
+    z_channels: int = 4
+    embed_dim: int = 4
+    double_z: bool = True
+    dropout: float = 0.0
+    n_embed: int = 256  # VQ codebook size
+    beta: float = 0.25  # VQ commitment weight
+    scale_factor: float = 1.0
+    shift_factor: float = 0.0
+    weights: Optional[str] = None  # a file, diffusers folder, or stage-1 run directory
+
+
+# ---------------------------------------------------------------------------- conditioner
+@dataclass
+class ConditionerConfig:
+    """How the U-Net is conditioned: text, class, layout, concat (sr/inpaint) or none."""
+
+    kind: str = "text"  # text | class | layout | sr | inpaint | none
+    ucg_rate: float = 0.1  # probability of dropping the condition (for classifier-free guidance)
+    # text (open_clip)
+    text_model: str = "ldmscale-tiny-text"
+    text_weights: Optional[str] = None
+    text_layer: str = "last"  # last | penultimate
+    context_length: int = 77
+    # class / layout
+    num_classes: int = 0
+    max_boxes: int = 4
+    layout_dim: int = 64
+    # sr
+    sr_factor: int = 4
+
+
+# ---------------------------------------------------------------------------- diffusion
+@dataclass
+class ScheduleConfig:
+    """Noise schedule (betas) of the forward process."""
+
+    beta_schedule: str = "scaled_linear"  # linear | scaled_linear | cosine
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    zero_terminal_snr: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    """The training objective and the default sampler."""
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction_type: str = "eps"  # eps | v | x0
+    timestep_sampling: str = "uniform"  # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    weighting: str = "uniform"  # uniform | min_snr
+    min_snr_gamma: float = 5.0
+    offset_noise: float = 0.0
+    sampler: str = "ddim"
+    num_sampling_steps: int = 50
+    guidance_scale: float = 3.0
+    guidance_rescale: float = 0.0
+    timestep_spacing: str = "leading"  # leading | trailing | linspace
+    eta: float = 0.0
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    """Where batches come from and how big they are."""
+
+    kind: str = "cached"  # cached | online
+    train_shards: list[str] = field(default_factory=list)  # cached (or raw, for online) shard URLs
+    resolution: int = 32
+    buckets: list[list[int]] = field(default_factory=list)  # [[h, w], ...]; empty: square only
+    micro_batch_size: int = 32
+    global_batch_size: int = 32
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    min_size: int = 0
+    max_aspect_ratio: float = 0.0  # 0: no limit
+    filters: list[str] = field(default_factory=list)  # e.g. ["aesthetic >= 5", "pwatermark < 0.5"]
+    random_crop: bool = False
+    random_flip: bool = False
+
+
+# ---------------------------------------------------------------------------- optim
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    fused: bool = False  # DeepSpeed's fused Adam (GPU); torch AdamW otherwise
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0
+
+
+# ---------------------------------------------------------------------------- deepspeed
+@dataclass
+class DeepSpeedConfig:
+    """How DeepSpeed runs the optimisation; `extra` passes raw DeepSpeed keys through."""
+
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    gradient_clipping: float = 1.0
+    offload_optimizer: str = "none"  # none | cpu | nvme
+    offload_param: str = "none"
+    nvme_path: str = "/local_nvme"
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- logger
+@dataclass
+class LoggerConfig:
+    """W&B and console logging."""
+
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "ldmscale"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    progress_bar: bool = True
+
+
+# ---------------------------------------------------------------------------- launcher
+@dataclass
+class LauncherConfig:
+    """Where the job runs: here (local) or on SLURM through submitit."""
+
+    kind: str = "local"  # local | slurm
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 1
+    mem_gb: int = 0
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    timeout_min: int = 60
+    signal_delay_s: int = 120
+    max_num_timeout: int = 3
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    job_name: str = "ldmscale"
+    folder: str = "${run_dir}/slurm"
+    array_parallelism: int = 16
+
+
+# ---------------------------------------------------------------------------- trainer & friends
+@dataclass
+class TrainerConfig:
+    """How long to train and how often to report."""
+
+    max_steps: int = 100
+    log_every_steps: int = 10
+    sample_every_steps: int = 0  # 0: never during training
+    max_nonfinite_steps: int = 10
+    peak_flops: float = 0.0  # per device; 0: detect from the GPU
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    every_steps: int = 500
+    keep_last: int = 3
+    resume: bool = True
+    load_weights_only: Optional[str] = None  # a consolidated checkpoint to start from
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trained weights."""
+
+    enabled: bool = True
+    decay: float = 0.999
+    start_step: int = 0
+
+
+@dataclass
+class CacheConfig:
+    """The offline latent/text-embedding cache job (tools/cache_latents.py)."""
+
+    input: list[str] = field(default_factory=list)
+    output: str = ""
+    num_workers: int = 1
+    batch_size: int = 32
+    latent_dtype: str = "bf16"
+    text_dtype: str = "fp16"
+    max_failure_rate: float = 0.05
+
+
+@dataclass
+class Config:
+    """The whole run. Public keys are documented in the README."""
+
+    name: str = "demo"
+    run_dir: str = "runs/${name}"
+    seed: int = 0
+    stage: str = "diffusion"  # diffusion (stage 2) | autoencoder (stage 1)
+    dry_run: bool = False
+    model: UNetConfig = field(default_factory=UNetConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key's full path."""
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "stage": ("diffusion", "autoencoder"),
+    "autoencoder.kind": ("kl", "vq"),
+    "conditioner.kind": ("text", "class", "layout", "sr", "inpaint", "none"),
+    "conditioner.text_layer": ("last", "penultimate"),
+    "diffusion.prediction_type": ("eps", "v", "x0"),
+    "diffusion.timestep_sampling": ("uniform", "logit_normal"),
+    "diffusion.weighting": ("uniform", "min_snr"),
+    "diffusion.timestep_spacing": ("leading", "trailing", "linspace"),
+    "diffusion.schedule.beta_schedule": ("linear", "scaled_linear", "cosine"),
+    "data.kind": ("cached", "online"),
+    "optim.lr_schedule": ("constant", "cosine"),
+    "deepspeed.precision": ("fp32", "bf16", "fp16"),
+    "deepspeed.offload_optimizer": ("none", "cpu", "nvme"),
+    "deepspeed.offload_param": ("none", "cpu", "nvme"),
+    "deepspeed.backend": ("auto", "nccl", "gloo"),
+    "logger.wandb_mode": ("offline", "online", "disabled"),
+    "launcher.kind": ("local", "slurm"),
+    "model.attention_backend": ("sdpa", "xformers", "math"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone cannot; raise ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
+    for key in ("data.micro_batch_size", "data.global_batch_size", "trainer.max_steps",
+                "trainer.log_every_steps", "checkpoint.every_steps"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    if cfg.data.global_batch_size % cfg.data.micro_batch_size:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
+            f"data.micro_batch_size={cfg.data.micro_batch_size}"
+        )
+    return cfg
+
+
+def to_object(cfg: DictConfig | Config) -> Config:
+    """Turn a composed DictConfig into the typed `Config` (interpolations resolved)."""
+    if isinstance(cfg, Config):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
+
+
+def register_configs() -> None:
+    """Register the schema so conf/config.yaml can name it first in its defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="ldmscale_schema", node=Config)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
+    """Compose the config as `python -m ldmscale.train OVERRIDES` would, outside Hydra's main."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        composed = hydra_compose(config_name, overrides=list(overrides or []))
+    return to_object(composed)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config beside the checkpoints (run_dir/config.yaml and .json)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    as_dict = to_dict(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict)))
+    path = run_dir / "config.json"
+    path.write_text(json.dumps(as_dict, indent=2))
+    return path
