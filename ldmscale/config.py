@@ -174,6 +174,7 @@ class DeepSpeedConfig:
     offload_param: str = "none"
     nvme_path: str = "/local_nvme"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    zero3_init: bool = False  # build the model already partitioned (deepspeed.zero.Init) at stage 3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -187,6 +188,7 @@ class LoggerConfig:
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     progress_bar: bool = True
+    run_name: Optional[str] = None  # W&B run name; default: cfg.name
 
 
 # ---------------------------------------------------------------------------- launcher
@@ -223,7 +225,12 @@ class TrainerConfig:
     log_every_steps: int = 10
     sample_every_steps: int = 0  # 0: never during training
     max_nonfinite_steps: int = 10
-    peak_flops: float = 0.0  # per device; 0: detect from the GPU
+    peak_flops: float = 0.0  # per device; 0: detect from the GPU (CPU: MFU reported against 1 TFLOP/s)
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a red circle in the top left", "a blue square in the bottom right",
+        "a green triangle in the top right", "a yellow circle in the bottom left"])
+    sample_seed: int = 0
+    sample_steps: int = 20  # sampler steps for the periodic grids
 
 
 @dataclass
@@ -234,6 +241,8 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True
     load_weights_only: Optional[str] = None  # a consolidated checkpoint to start from
+    dir: str = "${run_dir}/checkpoints"
+    save_at_end: bool = True
 
 
 @dataclass
