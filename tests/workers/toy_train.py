@@ -30,7 +30,7 @@ class ToyLoader:
             g = torch.Generator().manual_seed(self.epoch * 1000 + self.rank * 100 + self.position)
             self.position += 1
             x = torch.randn(self.batch, 6, generator=g)
-            yield {"x": x, "y": torch.sin(x.sum(1, keepdim=True)).repeat(1, 3)}
+            yield {"x": x, "y": x[:, :3] - 0.5 * x[:, 3:]}
         self.position = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     dist = env.setup("gloo")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.SiLU(), nn.Linear(32, 3))
-    engine = eng.initialize(model, DeepSpeedConfig(zero_stage=stage), OptimConfig(lr=3e-3, warmup_steps=2),
+    engine = eng.initialize(model, DeepSpeedConfig(zero_stage=stage), OptimConfig(lr=1e-2, warmup_steps=2),
                             micro_batch_size=8, global_batch_size=8 * dist.world_size,
                             world_size=dist.world_size, max_steps=max_steps)
     task = ToyTask(engine, PartitionedEMA(engine.module, 0.9), seed=0, rank=dist.rank)
