@@ -19,9 +19,11 @@ from ldmscale.models.conditioners import (
     drop_conditions,
     null_conditions,
 )
+from ldmscale.models.unet import Denoiser, UNet, build_denoiser, build_unet
 
 __all__ = [
     "AutoencoderKL", "DiagonalGaussian", "VQModel", "build_autoencoder", "estimate_scale_and_shift",
     "estimate_scale_factor", "scale_latents", "unscale_latents", "ClassEmbedder", "LayoutEncoder", "TextEncoder",
-    "TextEncoding", "build_text_encoder", "drop_conditions", "null_conditions",
+    "TextEncoding", "build_text_encoder", "drop_conditions", "null_conditions", "Denoiser", "UNet", "build_denoiser",
+    "build_unet",
 ]
