@@ -125,6 +125,7 @@ class DiffusionConfig:
     guidance_rescale: float = 0.0
     timestep_spacing: str = "leading"  # leading | trailing | linspace
     eta: float = 0.0
+    karras_sigmas: bool = False  # Karras et al. (2022) sigma spacing for dpmpp_2m / euler
 
 
 # ---------------------------------------------------------------------------- data
@@ -295,6 +296,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.timestep_sampling": ("uniform", "logit_normal"),
     "diffusion.weighting": ("uniform", "min_snr"),
     "diffusion.timestep_spacing": ("leading", "trailing", "linspace"),
+    "diffusion.sampler": ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a"),
     "diffusion.schedule.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "data.kind": ("cached", "online"),
     "optim.lr_schedule": ("constant", "cosine"),
