@@ -37,6 +37,7 @@ class UNetConfig:
     num_heads: int = -1
     num_head_channels: int = 16
     transformer_depth: list[int] = field(default_factory=lambda: [1])  # per level; one value broadcasts
+    transformer_depth_middle: Optional[int] = None  # None: the last level's depth
     context_dim: Optional[int] = 64
     use_linear_in_transformer: bool = True
     use_scale_shift_norm: bool = False
@@ -44,7 +45,9 @@ class UNetConfig:
     conv_resample: bool = True
     dropout: float = 0.0
     num_classes: Optional[int] = None
-    adm_in_channels: Optional[int] = None
+    adm_in_channels: Optional[int] = None  # vector conditioning (SDXL: pooled text + size embeddings)
+    norm_num_groups: int = 32
+    weights: Optional[str] = None  # start from a checkpoint (LDM file, diffusers folder or our export)
     attention_backend: str = "sdpa"  # sdpa | xformers | math
     gradient_checkpointing: bool = False
     channels_last: bool = False
@@ -68,6 +71,7 @@ class AutoencoderConfig:
     embed_dim: int = 4
     double_z: bool = True
     dropout: float = 0.0
+    resolution: int = 256  # only locates attn_resolutions (given in pixels at each level)
     n_embed: int = 256  # VQ codebook size
     beta: float = 0.25  # VQ commitment weight
     scale_factor: float = 1.0
@@ -91,8 +95,9 @@ class ConditionerConfig:
     num_classes: int = 0
     max_boxes: int = 4
     layout_dim: int = 64
-    # sr
+    # sr / inpaint
     sr_factor: int = 4
+    concat_channels: int = 0  # 0: sr → 3 (the low-res image), inpaint → latent channels + 1 (mask)
 
 
 # ---------------------------------------------------------------------------- diffusion
