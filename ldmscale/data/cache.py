@@ -191,8 +191,9 @@ class _Pending:
 
 
 def encode_text_rows(tokens: torch.Tensor, lengths: torch.Tensor, context_length: int) -> list[torch.Tensor]:
-    """Per sample, the token rows worth keeping: the first min(length+1, L) (the rest is padding)."""
-    rows = torch.clamp(lengths.long() + 1, max=min(context_length, tokens.shape[1]))
+    """Per sample, the token rows worth keeping: SOT, the caption's tokens and EOT (`lengths`, i.e. the
+    real length plus the end token; TextEncoding.mask marks the same rows). Padding is never stored."""
+    rows = torch.clamp(lengths.long(), min=1, max=min(context_length, tokens.shape[1]))
     return [tokens[i, : int(n)] for i, n in enumerate(rows)]
 
 

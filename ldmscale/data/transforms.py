@@ -87,7 +87,7 @@ def resize_crop(image: Any, bucket: Bucket, *, random_crop: bool = False, flip: 
         top, left = (new_h - bh) // 2, (new_w - bw) // 2
     image = image.crop((left, top, left + bw, top + bh))
     flipped = bool(flip and (rng if rng is not None else np.random.default_rng()).random() < 0.5)
-    array = np.asarray(image, dtype=np.uint8)
+    array = np.array(image, dtype=np.uint8)  # a writable copy for torch.from_numpy
     if flipped:
         array = array[:, ::-1]
     pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
