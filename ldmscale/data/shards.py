@@ -234,14 +234,14 @@ def iter_tar_samples(url: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
                 key, ext = split_member_name(info.name)
                 if not ext or key.rsplit("/", 1)[-1].startswith("."):
                     continue  # hidden files and extension-less members are not sample data
-                payload = tar.extractfile(info).read()  # type: ignore[union-attr]
-                if len(payload) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is truncated")
                 if current and current["__key__"] != key:
                     yield current
                     current = {}
                 if not current:
                     current = {"__key__": key, "__url__": url}
+                payload = tar.extractfile(info).read()  # type: ignore[union-attr]
+                if len(payload) != info.size:
+                    raise tarfile.ReadError(f"member {info.name} is truncated")
                 current[ext.lower()] = payload
     except (tarfile.ReadError, EOFError, OSError) as exc:
         if not started and not current:
