@@ -202,3 +202,19 @@ class Checkpointer:
             engine.load(str(self.dir / tag), tag=name)
         state = torch.load(self.dir / tag / f"client_rank{rank}.pt", map_location="cpu", weights_only=False)
         return state
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Initialise `module` from a consolidated file (safetensors or torch); names must match exactly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint.load_weights_only={str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{path}: missing keys {missing[:5]}..., unexpected keys {unexpected[:5]}...")
