@@ -88,9 +88,9 @@ def draw_spec(seed: int, index: int, holdout: set[tuple[str, str]] | None = None
         if not holdout or (colour, shape) not in holdout:
             break
     position = POSITIONS[rng.integers(len(POSITIONS))]
-    size = rng.uniform(0.28, 0.42)
-    cx = (0.25 if "left" in position else 0.75) + rng.uniform(-0.05, 0.05)
-    cy = (0.25 if "top" in position else 0.75) + rng.uniform(-0.05, 0.05)
+    size = rng.uniform(0.26, 0.40)
+    cx = (0.25 if "left" in position else 0.75) + rng.uniform(-0.04, 0.04)
+    cy = (0.25 if "top" in position else 0.75) + rng.uniform(-0.04, 0.04)
     bbox = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
     background = int(rng.integers(200, 245))
     return ShapeSpec(shape, colour, position, tuple(float(v) for v in bbox), background)
