@@ -78,3 +78,24 @@ def test_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "samples/s" in out.stdout
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["shapes-000000.tar", "shapes-000001.tar"]
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_analyse_reads_back_rendered_ground_truth(resolution):
+    specs = [synthetic.draw_spec(11, i) for i in range(300)]
+    results = [synthetic.analyse(np.asarray(synthetic.render(s, resolution))) for s in specs]
+    for key in ("shape", "colour", "position"):
+        accuracy = np.mean([getattr(r, key) == getattr(s, key) for r, s in zip(results, specs)])
+        assert accuracy >= 0.99, (key, accuracy)
+    assert all(r.num_components == 1 for r in results)
+    assert min(synthetic.box_iou(r.bbox, s.bbox) for r, s in zip(results, specs)) > 0.6
+
+
+def test_analyse_blank_and_two_shapes():
+    blank = np.full((32, 32, 3), 220, np.uint8)
+    assert synthetic.analyse(blank).shape is None and synthetic.analyse(blank).num_components == 0
+    two = blank.copy()
+    two[2:8, 2:8] = synthetic.COLOURS["red"]
+    two[20:28, 20:28] = synthetic.COLOURS["blue"]
+    assert synthetic.analyse(two).num_components == 2
+    assert synthetic.box_iou((0, 0, 1, 1), (0, 0, 0.5, 1)) == pytest.approx(0.5)
