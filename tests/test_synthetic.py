@@ -99,3 +99,27 @@ def test_analyse_blank_and_two_shapes():
     two[20:28, 20:28] = synthetic.COLOURS["blue"]
     assert synthetic.analyse(two).num_components == 2
     assert synthetic.box_iou((0, 0, 1, 1), (0, 0, 0.5, 1)) == pytest.approx(0.5)
+
+
+def test_score_adherence_on_ground_truth_and_on_noise():
+    asked = synthetic.eval_prompts()
+    assert len(asked) == 72 >= 64
+    truth = []
+    for i, (colour, shape, position) in enumerate(asked):
+        spec = synthetic.draw_spec(0, i)
+        spec = synthetic.ShapeSpec(shape, colour, position,
+                                   _move_box(spec.bbox, position), spec.background)
+        truth.append(np.asarray(synthetic.render(spec, 32)))
+    perfect = synthetic.score_adherence(truth, asked, holdout=["blue triangle"])
+    assert perfect["colour"] == perfect["shape"] == perfect["position"] == 1.0
+    assert perfect["num_held_out_images"] == 4 and perfect["held_out"]["colour"] == 1.0
+    noise = [np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8) for i in range(72)]
+    bad = synthetic.score_adherence(noise, asked)
+    assert bad["all_three"] < 0.2
+
+
+def _move_box(bbox, position):
+    size = bbox[2] - bbox[0]
+    cx = 0.25 if "left" in position else 0.75
+    cy = 0.25 if "top" in position else 0.75
+    return (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)

@@ -273,3 +273,41 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def eval_prompts() -> list[tuple[str, str, str]]:
+    """Every (colour, shape, position) once: 72 prompts written for evaluation, held-out pairs included."""
+    return [(c, s, p) for s in SHAPES for c in COLOUR_NAMES for p in POSITIONS]
+
+
+def score_adherence(images: Sequence[np.ndarray], asked: Sequence[tuple[str, str, str]],
+                    holdout: Iterable[str] = ()) -> dict:
+    """Prompt adherence of generated images: fraction whose colour, shape and position match the prompt.
+
+    `asked` holds (colour, shape, position) per image. Held-out (never trained) colour/shape pairs are
+    reported separately, and chance levels are given for comparison.
+    """
+    held = parse_holdout(holdout)
+    rows = []
+    for image, (colour, shape, position) in zip(images, asked, strict=True):
+        found = analyse(np.asarray(image))
+        rows.append({
+            "colour": found.colour == colour, "shape": found.shape == shape, "position": found.position == position,
+            "held_out": (colour, shape) in held,
+        })
+
+    def rate(subset: list[dict], key: str) -> float | None:
+        return float(np.mean([r[key] for r in subset])) if subset else None
+
+    seen = [r for r in rows if not r["held_out"]]
+    unseen = [r for r in rows if r["held_out"]]
+    scores = {key: rate(seen, key) for key in ("colour", "shape", "position")}
+    scores["all_three"] = float(np.mean([r["colour"] and r["shape"] and r["position"] for r in seen])) if seen else None
+    return {
+        **scores,
+        "held_out": {key: rate(unseen, key) for key in ("colour", "shape", "position")},
+        "held_out_pairs": sorted(" ".join(pair) for pair in held),
+        "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS)},
+        "num_images": len(rows),
+        "num_held_out_images": len(unseen),
+    }
