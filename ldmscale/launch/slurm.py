@@ -147,8 +147,21 @@ def describe(job: submitit.Job) -> str:
             f"  watch:  squeue -j {job.job_id}; tail -f {job.paths.stdout}")
 
 
+class SubmissionError(RuntimeError):
+    """sbatch refused the request; the message carries SLURM's own reason and the request."""
+
+
+def submit(executor: submitit.SlurmExecutor, fn: Callable[..., Any], *args: Any) -> submitit.Job:
+    """`executor.submit`, with sbatch's refusal (e.g. no GRES, too many CPUs) raised at once."""
+    try:
+        return executor.submit(fn, *args)
+    except submitit.core.utils.FailedJobError as err:
+        request = " ".join(f"--{k}={v}" for k, v in executor.parameters.items() if k != "additional_parameters")
+        raise SubmissionError(f"SLURM refused the job ({request}): {err}") from err
+
+
 def submit_training(cfg: Config, entry: Callable[[Config], Any] | None = None) -> submitit.Job:
     """Submit `cfg` as a requeueable training job and return at once."""
     cfg = _absolute_run_dir(cfg)
     # The job calls run() directly, never the dispatch in launch(), so it cannot submit itself again.
-    return build_executor(cfg.launcher).submit(TrainingJob(cfg, entry))
+    return submit(build_executor(cfg.launcher), TrainingJob(cfg, entry))
