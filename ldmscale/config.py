@@ -68,6 +68,7 @@ class AutoencoderConfig:
     embed_dim: int = 4
     double_z: bool = True
     dropout: float = 0.0
+    resolution: int = 256  # only locates attn_resolutions (given in pixels at each level)
     n_embed: int = 256  # VQ codebook size
     beta: float = 0.25  # VQ commitment weight
     scale_factor: float = 1.0
@@ -130,21 +131,30 @@ class DiffusionConfig:
 # ---------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
-    """Where batches come from and how big they are."""
+    """Where batches come from and how big they are (see ldmscale/data/)."""
 
     kind: str = "cached"  # cached | online
-    train_shards: list[str] = field(default_factory=list)  # cached (or raw, for online) shard URLs
+    # cached: shard URLs or a cache folder (its manifest.json lists the shards); online: raw shard URLs.
+    # Brace patterns, local folders and `pipe:` commands are expanded (ldmscale.data.shards.expand_urls).
+    train_shards: list[str] = field(default_factory=list)
+    shard_weights: list[float] = field(default_factory=list)  # one per train_shards entry; empty: natural sizes
     resolution: int = 32
-    buckets: list[list[int]] = field(default_factory=list)  # [[h, w], ...]; empty: square only
+    buckets: list[list[int]] = field(default_factory=list)  # [[h, w], ...]; empty: see aspect_buckets
+    aspect_buckets: bool = False  # generate equal-area buckets around `resolution` (else square only)
+    bucket_step: int = 64  # bucket sides are multiples of this
+    max_bucket_aspect: float = 2.0  # generated buckets span aspect ratios 1/x .. x
     micro_batch_size: int = 32
     global_batch_size: int = 32
     num_workers: int = 0
-    shuffle_buffer: int = 1000
-    min_size: int = 0
-    max_aspect_ratio: float = 0.0  # 0: no limit
+    prefetch_factor: int = 2
+    shuffle_buffer: int = 1000  # online path only: samples shuffled in a streaming buffer
+    samples_per_epoch: int = 0  # online path: samples per epoch over all ranks (0: one pass, 1 rank only)
+    min_size: int = 0  # smaller images are skipped as "too_small"
+    max_aspect_ratio: float = 0.0  # 0: no limit; wider/taller images are skipped as "extreme_aspect"
     filters: list[str] = field(default_factory=list)  # e.g. ["aesthetic >= 5", "pwatermark < 0.5"]
     random_crop: bool = False
     random_flip: bool = False
+    use_manifest_scale: bool = False  # take scale/shift from the cache manifest's latent statistics
 
 
 # ---------------------------------------------------------------------------- optim
@@ -248,15 +258,18 @@ class EMAConfig:
 
 @dataclass
 class CacheConfig:
-    """The offline latent/text-embedding cache job (tools/cache_latents.py)."""
+    """The offline latent/text-embedding cache job (tools/cache_latents.py, ldmscale/data/cache.py)."""
 
-    input: list[str] = field(default_factory=list)
-    output: str = ""
-    num_workers: int = 1
-    batch_size: int = 32
-    latent_dtype: str = "bf16"
-    text_dtype: str = "fp16"
-    max_failure_rate: float = 0.05
+    # Raw shard URLs: brace patterns, folders, `pipe:` commands; several separated by whitespace or "::".
+    input: str = ""
+    output: str = ""  # folder of cached shards + manifest.json
+    num_workers: int = 1  # local mode: worker processes (one per GPU when device is cuda)
+    batch_size: int = 32  # encoder batch (samples of one bucket)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    latent_dtype: str = "bf16"  # bf16 | fp16 | fp32: how KL moments / VQ latents are stored
+    text_dtype: str = "fp16"  # fp16 | bf16 | fp32
+    max_failure_rate: float = 0.05  # skipped/read above this → the job exits non-zero
+    progress: bool = True
 
 
 @dataclass
