@@ -68,10 +68,10 @@ def build_executor(cfg: LauncherConfig, folder: str | Path | None = None) -> sub
 def request_save() -> None:
     """Ask the running trainer to save a checkpoint and stop at the next step boundary."""
     try:
-        from ldmscale.checkpoint import request_save as trainer_request_save
+        from ldmscale.checkpoint import SAVE_REQUEST
     except ImportError:  # no trainer in this process: nothing to save
         return
-    trainer_request_save()
+    SAVE_REQUEST.request(stop=True)
 
 
 class _StopOnSignal:
