@@ -209,26 +209,27 @@ class LoggerConfig:
 # ---------------------------------------------------------------------------- launcher
 @dataclass
 class LauncherConfig:
-    """Where the job runs: here (local) or on SLURM through submitit."""
+    """Where the job runs: here (local) or on SLURM through submitit (ldmscale/launch/slurm.py)."""
 
     kind: str = "local"  # local | slurm
     nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 1
+    gpus_per_node: int = 0  # 0: no GRES request at all (a GRES request on a node without GRES fails)
+    tasks_per_node: int = 0  # 0: one task per GPU (one task without GPUs)
     cpus_per_task: int = 1
-    mem_gb: int = 0
+    mem_gb: int = 0  # per node; 0: the partition's default
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    timeout_min: int = 60
-    signal_delay_s: int = 120
-    max_num_timeout: int = 3
-    additional_parameters: dict[str, Any] = field(default_factory=dict)
-    setup: list[str] = field(default_factory=list)
+    timeout_min: int = 60  # below 50, submitit counts every signal (even preemption) as a timeout
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: time to save a checkpoint
+    max_num_timeout: int = 3  # requeues after a timeout (preemptions do not count)
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # raw sbatch keys
+    setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. "module load cuda"
     job_name: str = "ldmscale"
-    folder: str = "${run_dir}/slurm"
-    array_parallelism: int = 16
+    folder: str = "${run_dir}/slurm"  # sbatch scripts, pickles and logs (%j = job id, %t = task)
+    array_parallelism: int = 16  # array tasks running at once (cache arrays, sweeps)
+    shards_per_task: int = 1  # cache arrays: input shards per array task
 
 
 # ---------------------------------------------------------------------------- trainer & friends
@@ -354,6 +355,14 @@ def validate(cfg: Config) -> Config:
                 "trainer.log_every_steps", "checkpoint.every_steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("launcher.nodes", "launcher.cpus_per_task", "launcher.timeout_min",
+                "launcher.array_parallelism", "launcher.shards_per_task"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("launcher.gpus_per_node", "launcher.tasks_per_node", "launcher.mem_gb",
+                "launcher.signal_delay_s", "launcher.max_num_timeout"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "

@@ -233,7 +233,9 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def main(composed: DictConfig) -> None:
-    run(to_object(composed))
+    from ldmscale.launch import launch
+
+    launch(to_object(composed))
 
 
 if __name__ == "__main__":
