@@ -166,3 +166,24 @@ def test_buckets_end_to_end(tmp_path):
         assert batch["latents"].shape[-2:] == (h // 4, w // 4)
         for key in batch["keys"]:
             assert want[key.rstrip("0123456789")] == (h, w)
+
+
+def test_online_path_matches_the_cached_batch_format(cache, tmp_path):
+    from ldmscale.data.online import OnlineLoader
+
+    write_shards(tmp_path / "raw", 16, resolution=32, shard_size=8, progress=False)
+    cfg = config(kind="online", train_shards=[str(tmp_path / "raw")], micro_batch_size=4, shuffle_buffer=4,
+                 samples_per_epoch=16)
+    loader = OnlineLoader(cfg.data, cfg.conditioner, cfg.autoencoder, seed=0, rank=1, world_size=2,
+                          encoders=encoders())
+    batches = _run(loader)
+    assert len(batches) == 2  # 16 // (4 × 2), whatever the shard sizes
+    cached = next(iter(build_loader(*(lambda c: (c.data, c.conditioner, c.autoencoder))(_cfg(cache)),
+                                    seed=0, rank=0, world_size=1)))
+    for key in ("latents", "context", "context_mask", "pooled"):
+        assert batches[0][key].shape == cached[key].shape and batches[0][key].dtype == cached[key].dtype
+    # Resume replays to the saved position.
+    again = OnlineLoader(cfg.data, cfg.conditioner, cfg.autoencoder, seed=0, rank=1, world_size=2,
+                         encoders=encoders())
+    again.load_state_dict({"epoch": 0, "position": 1, "seed": 0, "world_size": 2})
+    assert torch.equal(next(iter(again))["latents"], batches[1]["latents"])
