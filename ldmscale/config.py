@@ -37,6 +37,7 @@ class UNetConfig:
     num_heads: int = -1
     num_head_channels: int = 16
     transformer_depth: list[int] = field(default_factory=lambda: [1])  # per level; one value broadcasts
+    transformer_depth_middle: Optional[int] = None  # None: the last level's depth
     context_dim: Optional[int] = 64
     use_linear_in_transformer: bool = True
     use_scale_shift_norm: bool = False
@@ -44,7 +45,9 @@ class UNetConfig:
     conv_resample: bool = True
     dropout: float = 0.0
     num_classes: Optional[int] = None
-    adm_in_channels: Optional[int] = None
+    adm_in_channels: Optional[int] = None  # vector conditioning (SDXL: pooled text + size embeddings)
+    norm_num_groups: int = 32
+    weights: Optional[str] = None  # start from a checkpoint (LDM file, diffusers folder or our export)
     attention_backend: str = "sdpa"  # sdpa | xformers | math
     gradient_checkpointing: bool = False
     channels_last: bool = False
@@ -92,8 +95,9 @@ class ConditionerConfig:
     num_classes: int = 0
     max_boxes: int = 4
     layout_dim: int = 64
-    # sr
+    # sr / inpaint
     sr_factor: int = 4
+    concat_channels: int = 0  # 0: sr → 3 (the low-res image), inpaint → latent channels + 1 (mask)
 
 
 # ---------------------------------------------------------------------------- diffusion
@@ -126,6 +130,7 @@ class DiffusionConfig:
     guidance_rescale: float = 0.0
     timestep_spacing: str = "leading"  # leading | trailing | linspace
     eta: float = 0.0
+    karras_sigmas: bool = False  # Karras et al. (2022) sigma spacing for dpmpp_2m / euler
 
 
 # ---------------------------------------------------------------------------- data
@@ -184,6 +189,7 @@ class DeepSpeedConfig:
     offload_param: str = "none"
     nvme_path: str = "/local_nvme"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    zero3_init: bool = False  # build the model already partitioned (deepspeed.zero.Init) at stage 3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -197,31 +203,33 @@ class LoggerConfig:
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     progress_bar: bool = True
+    run_name: Optional[str] = None  # W&B run name; default: cfg.name
 
 
 # ---------------------------------------------------------------------------- launcher
 @dataclass
 class LauncherConfig:
-    """Where the job runs: here (local) or on SLURM through submitit."""
+    """Where the job runs: here (local) or on SLURM through submitit (ldmscale/launch/slurm.py)."""
 
     kind: str = "local"  # local | slurm
     nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 1
+    gpus_per_node: int = 0  # 0: no GRES request at all (a GRES request on a node without GRES fails)
+    tasks_per_node: int = 0  # 0: one task per GPU (one task without GPUs)
     cpus_per_task: int = 1
-    mem_gb: int = 0
+    mem_gb: int = 0  # per node; 0: the partition's default
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    timeout_min: int = 60
-    signal_delay_s: int = 120
-    max_num_timeout: int = 3
-    additional_parameters: dict[str, Any] = field(default_factory=dict)
-    setup: list[str] = field(default_factory=list)
+    timeout_min: int = 60  # below 50, submitit counts every signal (even preemption) as a timeout
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: time to save a checkpoint
+    max_num_timeout: int = 3  # requeues after a timeout (preemptions do not count)
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # raw sbatch keys
+    setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. "module load cuda"
     job_name: str = "ldmscale"
-    folder: str = "${run_dir}/slurm"
-    array_parallelism: int = 16
+    folder: str = "${run_dir}/slurm"  # sbatch scripts, pickles and logs (%j = job id, %t = task)
+    array_parallelism: int = 16  # array tasks running at once (cache arrays, sweeps)
+    shards_per_task: int = 1  # cache arrays: input shards per array task
 
 
 # ---------------------------------------------------------------------------- trainer & friends
@@ -233,7 +241,12 @@ class TrainerConfig:
     log_every_steps: int = 10
     sample_every_steps: int = 0  # 0: never during training
     max_nonfinite_steps: int = 10
-    peak_flops: float = 0.0  # per device; 0: detect from the GPU
+    peak_flops: float = 0.0  # per device; 0: detect from the GPU (CPU: MFU reported against 1 TFLOP/s)
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a red circle in the top left", "a blue square in the bottom right",
+        "a green triangle in the top right", "a yellow circle in the bottom left"])
+    sample_seed: int = 0
+    sample_steps: int = 20  # sampler steps for the periodic grids
 
 
 @dataclass
@@ -244,6 +257,8 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True
     load_weights_only: Optional[str] = None  # a consolidated checkpoint to start from
+    dir: str = "${run_dir}/checkpoints"
+    save_at_end: bool = True
 
 
 @dataclass
@@ -308,6 +323,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.timestep_sampling": ("uniform", "logit_normal"),
     "diffusion.weighting": ("uniform", "min_snr"),
     "diffusion.timestep_spacing": ("leading", "trailing", "linspace"),
+    "diffusion.sampler": ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a"),
     "diffusion.schedule.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "data.kind": ("cached", "online"),
     "optim.lr_schedule": ("constant", "cosine"),
@@ -339,6 +355,14 @@ def validate(cfg: Config) -> Config:
                 "trainer.log_every_steps", "checkpoint.every_steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("launcher.nodes", "launcher.cpus_per_task", "launcher.timeout_min",
+                "launcher.array_parallelism", "launcher.shards_per_task"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("launcher.gpus_per_node", "launcher.tasks_per_node", "launcher.mem_gb",
+                "launcher.signal_delay_s", "launcher.max_num_timeout"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
