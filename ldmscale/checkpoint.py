@@ -16,13 +16,13 @@ import random
 import shutil
 import signal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
-from ldmscale.config import CheckpointConfig
+from ldmscale.config import CheckpointConfig, Config
 
 LATEST = "latest"
 META = "meta.json"
@@ -194,7 +194,7 @@ class Checkpointer:
             raise RuntimeError(
                 f"{self.dir / tag} was saved by {meta['world_size']} ranks and this run has {world}: ZeRO "
                 "optimizer partitions cannot be re-split. To go on with a new world size, consolidate the "
-                f"weights (python tools/export_checkpoint.py {self.dir.parent} --raw --out W.safetensors) "
+                f"weights (python tools/export_checkpoint.py {self.dir} --raw --out W.safetensors) "
                 "and start a new run with checkpoint.load_weights_only=W.safetensors "
                 "(the optimizer state restarts; or relaunch with the old world size)"
             )
@@ -205,8 +205,16 @@ class Checkpointer:
 
 
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:
-    """Initialise `module` from a consolidated file (safetensors or torch); names must match exactly."""
+    """Initialise `module` from a consolidated file (safetensors or torch); names must match exactly.
+
+    A folder (our "ldmscale" export or a diffusers unet) initialises the U-Net of a Denoiser.
+    """
     path = Path(path)
+    if path.is_dir() and hasattr(module, "unet"):
+        from ldmscale.models.interop import load_unet_weights
+
+        load_unet_weights(module.unet, path)
+        return
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint.load_weights_only={str(path)!r} does not exist")
     if path.suffix == ".safetensors":
@@ -218,3 +226,107 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise KeyError(f"{path}: missing keys {missing[:5]}..., unexpected keys {unexpected[:5]}...")
+
+
+# ---------------------------------------------------------------------------- offline: run dir → weights
+def read_run_config(run_dir: str | Path) -> Config:
+    """The resolved config a run saved beside its checkpoints (run_dir/config.json)."""
+    from omegaconf import OmegaConf
+
+    from ldmscale.config import to_object
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run directory")
+    return to_object(OmegaConf.create(json.loads(path.read_text())))
+
+
+def run_checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where a run's checkpoints are: run_dir itself (if it holds 'latest'), its checkpoint.dir, or ./checkpoints.
+
+    checkpoint.dir is saved resolved against the run's own working directory, so a leading cfg.run_dir
+    is re-rooted at `run_dir` (the run folder may have been moved or be read from elsewhere).
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / LATEST).is_file():
+        return run_dir
+    candidates = []
+    if (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        ckpt_dir, saved_run = Path(saved["checkpoint"]["dir"]), Path(saved["run_dir"])
+        if ckpt_dir.is_relative_to(saved_run):
+            candidates.append(run_dir / ckpt_dir.relative_to(saved_run))
+        candidates.append(ckpt_dir)
+    candidates.append(run_dir / "checkpoints")
+    for candidate in candidates:
+        if (candidate / LATEST).is_file():
+            return candidate
+    raise FileNotFoundError(f"no complete checkpoint ('latest' file) in any of {[str(c) for c in candidates]}")
+
+
+def _ema_state(client: dict[str, Any], engine: str, where: Path) -> dict[str, Any]:
+    task = client.get("task") or {}
+    state = task.get("ema") if engine not in task else (task[engine] or {}).get("ema")
+    if state is None:
+        raise KeyError(f"{where} holds no EMA state for {engine!r} (ema.enabled was false?): use the raw "
+                       "weights (ema=False / --raw)")
+    return state
+
+
+def load_run_weights(run_dir: str | Path, *, ema: bool = True, engine: str = "denoiser",
+                     tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(fp32 state dict of `engine`, meta.json) from a run's latest (or `tag`) checkpoint, offline.
+
+    Raw weights come from DeepSpeed's shards (engine.consolidate_state_dict); EMA weights are
+    reassembled from every rank's partition in client_rank*.pt and replace the trainable parameters
+    (buffers and frozen parameters come from the raw weights).
+    """
+    from ldmscale.distributed.engine import consolidate_state_dict
+    from ldmscale.ema import assemble_partitions
+
+    ckpt_dir = run_checkpoint_dir(run_dir)
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag / META).is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: checkpoint {tag!r} is missing or incomplete (no {META})")
+    meta = read_meta(ckpt_dir, tag)
+    if engine not in meta["engines"]:
+        raise KeyError(f"{ckpt_dir / tag} has engines {meta['engines']}, not {engine!r}")
+    state = consolidate_state_dict(str(ckpt_dir / tag), engine, int(meta["zero_stage"][engine]))
+    if ema:
+        files = [ckpt_dir / tag / f"client_rank{r}.pt" for r in range(int(meta["world_size"]))]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"EMA partitions missing: {absent}")
+        partitions = [_ema_state(torch.load(f, map_location="cpu", weights_only=False), engine, f) for f in files]
+        state = {**state, **assemble_partitions(partitions, {k: v.shape for k, v in state.items()})}
+    return state, meta
+
+
+class RunModels(NamedTuple):
+    """What sampling and export need from a stage-2 run, on CPU in eval mode."""
+
+    cfg: Config
+    denoiser: torch.nn.Module
+    autoencoder: torch.nn.Module
+    text_encoder: Any  # None unless conditioner.kind == "text"
+
+
+def load_run_models(run_dir: str | Path, ema: bool = True, *, tag: str | None = None) -> RunModels:
+    """A stage-2 run directory → (config, denoiser with EMA or raw weights, autoencoder, text encoder)."""
+    import dataclasses
+
+    from ldmscale.models import build_autoencoder, build_denoiser, build_text_encoder
+
+    cfg = read_run_config(run_dir)
+    state, _ = load_run_weights(run_dir, ema=ema, tag=tag)
+    model_cfg = dataclasses.replace(cfg.model, weights=None)  # the checkpoint supersedes the initial weights
+    denoiser = build_denoiser(model_cfg, cfg.conditioner)
+    missing, unexpected = denoiser.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{run_dir}: the checkpoint does not fit the configured denoiser: missing "
+                       f"{missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # an untrained autoencoder is the cache job's (seed 0)
+        autoencoder = build_autoencoder(cfg.autoencoder)
+    text_encoder = build_text_encoder(cfg.conditioner) if cfg.conditioner.kind == "text" else None
+    return RunModels(cfg, denoiser.eval(), autoencoder.eval(), text_encoder)

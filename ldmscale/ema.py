@@ -79,7 +79,7 @@ class PartitionedEMA:
             raise ValueError(
                 f"EMA state was saved by a run with world_size={state['world_size']} zero3={state['zero3']}; "
                 f"this run has world_size={self.world_size} zero3={self.zero3}. Consolidate it first: "
-                "python tools/export_checkpoint.py RUN_DIR --out W.safetensors, then start with "
+                "python tools/export_checkpoint.py RUN_DIR --raw --out W.safetensors, then start with "
                 "checkpoint.load_weights_only=W.safetensors"
             )
         self.num_updates = int(state["num_updates"])
@@ -90,7 +90,7 @@ class PartitionedEMA:
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """{name: full fp32 tensor} on every rank; gathers the partitions across ranks."""
-        rank, world = self.rank, self.world_size
+        world = self.world_size
         if self.zero3:
             out = {}
             for name, p, shard in zip(self.names, self._params, self.shadow):
@@ -112,12 +112,7 @@ class PartitionedEMA:
             flat = torch.cat(pieces)[:total]
         else:
             flat = padded[:total]
-        out, offset = {}, 0
-        for name, p in zip(self.names, self._params):
-            out[name] = flat[offset: offset + p.numel()].view(p.shape).clone()
-            offset += p.numel()
-        del rank
-        return out
+        return _unflatten(flat, self.names, [p.shape for p in self._params])
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
@@ -126,3 +121,44 @@ class PartitionedEMA:
         params = dict(module.named_parameters())
         for name, value in full.items():
             params[name].copy_(value.to(params[name].dtype))
+
+
+def _unflatten(flat: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for name, shape in zip(names, shapes):
+        numel = int(torch.Size(shape).numel())
+        out[name] = flat[offset: offset + numel].view(shape).clone()
+        offset += numel
+    return out
+
+
+def assemble_partitions(states: list[dict[str, Any]], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Full fp32 EMA weights from every rank's saved `state_dict()` (offline: no process group).
+
+    `states` are the per-rank states in any order; `shapes` gives each parameter's full shape (e.g. from
+    the consolidated raw weights). ZeRO 0/1/2 shadows are consecutive slices of one flat vector; ZeRO-3
+    shadows are each parameter's padded `ds_tensor` partition, in rank order.
+    """
+    states = sorted(states, key=lambda s: s["rank"])
+    first = states[0]
+    world, names = first["world_size"], list(first["names"])
+    if [s["rank"] for s in states] != list(range(world)):
+        raise ValueError(f"EMA partitions of ranks {[s['rank'] for s in states]} found; a run of world size "
+                         f"{world} needs all ranks 0..{world - 1}")
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise KeyError(f"EMA parameters {missing[:5]} are not in the model's weights")
+    for s in states:
+        if list(s["names"]) != names or s["world_size"] != world or s["zero3"] != first["zero3"]:
+            raise ValueError(f"EMA partition of rank {s['rank']} disagrees with rank 0 on names/world/zero3")
+    if first["zero3"]:
+        out = {}
+        for i, name in enumerate(names):
+            numel = int(torch.Size(shapes[name]).numel())
+            out[name] = torch.cat([s["shadow"][i].float() for s in states])[:numel].view(shapes[name]).clone()
+        return out
+    flat = torch.cat([piece.float() for s in states for piece in s["shadow"]])
+    total = sum(int(torch.Size(shapes[n]).numel()) for n in names)
+    if flat.numel() != total:
+        raise ValueError(f"EMA partitions hold {flat.numel()} values, the parameters {total}")
+    return _unflatten(flat, names, [shapes[n] for n in names])

@@ -326,3 +326,27 @@ def estimate_model_state_memory(
     else:
         cpu, gpu = 0, 16 * total_params
     return MemoryEstimate(zero_stage, num_gpus, int(gpu), int(cpu), offload_optimizer or offload_param)
+
+
+# ---------------------------------------------------------------------------- offline consolidation
+def consolidate_state_dict(checkpoint_dir: str, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 module weights of one engine's checkpoint, on CPU, with no process group.
+
+    ZeRO 1-3 hold the fp32 master weights in per-rank optimizer partitions: DeepSpeed's zero_to_fp32
+    merges them (bit-equal to the live fp32 weights). Stage 0 does not partition, and zero_to_fp32 does
+    not read it: its `mp_rank_00_model_states.pt` holds the whole module (in the compute dtype).
+    """
+    folder = os.path.join(checkpoint_dir, tag)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no DeepSpeed checkpoint folder {folder}")
+    if zero_stage == 0:
+        path = os.path.join(folder, "mp_rank_00_model_states.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: a ZeRO-0 checkpoint keeps the module there")
+        module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        return {name: value.detach().float() if value.is_floating_point() else value.detach()
+                for name, value in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    return {name: value.detach().cpu().contiguous() for name, value in state.items()}

@@ -1,8 +1,11 @@
 """Worker for the generic-machinery tests: a small MLP regression task through Engine/EMA/Trainer/Checkpointer.
 
 usage: toy_train.py RUN_DIR ZERO_STAGE MAX_STEPS [EVERY_STEPS] [SLEEP_S]
+With TOY_DUMP_REFERENCE=1, rank 0 also writes RUN_DIR/reference.pt: the live full EMA and gathered
+weights at the end, which offline consolidation (ldmscale.checkpoint.load_run_weights) must reproduce.
 """
 
+import os
 import sys
 import time
 
@@ -78,6 +81,12 @@ def main() -> None:
 
         trainer.train_one_step = slow
     trainer.fit()
+    if os.environ.get("TOY_DUMP_REFERENCE") == "1":
+        full_ema = task.ema.full_state_dict()  # collective
+        with engine.gathered_parameters():
+            raw = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+        if dist.is_main:
+            torch.save({"ema": full_ema, "raw": raw}, f"{run_dir}/reference.pt")
     logger.close()
     engine.destroy()
     env.teardown()
