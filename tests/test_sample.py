@@ -147,7 +147,8 @@ def test_cli_from_run_dir(tmp_path):
     out_dir = tmp_path / "out"
     argv = ["--checkpoint", str(run_dir), "--class-ids", "0,3", "--num-images", "2", "--guidance", "2.5",
             "--seed", "11", "--out", str(out_dir), "--no-progress", "--width", "24"]
-    main(argv)
+    with pytest.warns(UserWarning, match="autoencoder.weights is not set"):
+        main(argv)
     settings = json.loads((out_dir / "settings.json").read_text())
     assert settings["sampler"] == "dpmpp_2m" and settings["num_steps"] == 3 and settings["weights"] == "ema"
     assert settings["seeds"] == [11, 12, 13, 14] and settings["class_ids"] == [0, 0, 3, 3]
@@ -156,7 +157,8 @@ def test_cli_from_run_dir(tmp_path):
 
     first = Image.open(out_dir / "images" / "000000.png")
     assert first.size == (24, 16)
-    main([a if a != str(out_dir) else str(tmp_path / "again") for a in argv] + ["--batch-size", "1"])
+    with pytest.warns(UserWarning):
+        main([a if a != str(out_dir) else str(tmp_path / "again") for a in argv] + ["--batch-size", "1"])
     import numpy as np
 
     for i in range(4):  # batch size 1 vs 4: the same images up to float rounding of batched kernels
