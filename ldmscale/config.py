@@ -136,21 +136,30 @@ class DiffusionConfig:
 # ---------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
-    """Where batches come from and how big they are."""
+    """Where batches come from and how big they are (see ldmscale/data/)."""
 
     kind: str = "cached"  # cached | online
-    train_shards: list[str] = field(default_factory=list)  # cached (or raw, for online) shard URLs
+    # cached: shard URLs or a cache folder (its manifest.json lists the shards); online: raw shard URLs.
+    # Brace patterns, local folders and `pipe:` commands are expanded (ldmscale.data.shards.expand_urls).
+    train_shards: list[str] = field(default_factory=list)
+    shard_weights: list[float] = field(default_factory=list)  # one per train_shards entry; empty: natural sizes
     resolution: int = 32
-    buckets: list[list[int]] = field(default_factory=list)  # [[h, w], ...]; empty: square only
+    buckets: list[list[int]] = field(default_factory=list)  # [[h, w], ...]; empty: see aspect_buckets
+    aspect_buckets: bool = False  # generate equal-area buckets around `resolution` (else square only)
+    bucket_step: int = 64  # bucket sides are multiples of this
+    max_bucket_aspect: float = 2.0  # generated buckets span aspect ratios 1/x .. x
     micro_batch_size: int = 32
     global_batch_size: int = 32
     num_workers: int = 0
-    shuffle_buffer: int = 1000
-    min_size: int = 0
-    max_aspect_ratio: float = 0.0  # 0: no limit
+    prefetch_factor: int = 2
+    shuffle_buffer: int = 1000  # online path only: samples shuffled in a streaming buffer
+    samples_per_epoch: int = 0  # online path: samples per epoch over all ranks (0: one pass, 1 rank only)
+    min_size: int = 0  # smaller images are skipped as "too_small"
+    max_aspect_ratio: float = 0.0  # 0: no limit; wider/taller images are skipped as "extreme_aspect"
     filters: list[str] = field(default_factory=list)  # e.g. ["aesthetic >= 5", "pwatermark < 0.5"]
     random_crop: bool = False
     random_flip: bool = False
+    use_manifest_scale: bool = False  # take scale/shift from the cache manifest's latent statistics
 
 
 # ---------------------------------------------------------------------------- optim
@@ -180,6 +189,7 @@ class DeepSpeedConfig:
     offload_param: str = "none"
     nvme_path: str = "/local_nvme"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    zero3_init: bool = False  # build the model already partitioned (deepspeed.zero.Init) at stage 3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -193,31 +203,33 @@ class LoggerConfig:
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     progress_bar: bool = True
+    run_name: Optional[str] = None  # W&B run name; default: cfg.name
 
 
 # ---------------------------------------------------------------------------- launcher
 @dataclass
 class LauncherConfig:
-    """Where the job runs: here (local) or on SLURM through submitit."""
+    """Where the job runs: here (local) or on SLURM through submitit (ldmscale/launch/slurm.py)."""
 
     kind: str = "local"  # local | slurm
     nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 1
+    gpus_per_node: int = 0  # 0: no GRES request at all (a GRES request on a node without GRES fails)
+    tasks_per_node: int = 0  # 0: one task per GPU (one task without GPUs)
     cpus_per_task: int = 1
-    mem_gb: int = 0
+    mem_gb: int = 0  # per node; 0: the partition's default
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    timeout_min: int = 60
-    signal_delay_s: int = 120
-    max_num_timeout: int = 3
-    additional_parameters: dict[str, Any] = field(default_factory=dict)
-    setup: list[str] = field(default_factory=list)
+    timeout_min: int = 60  # below 50, submitit counts every signal (even preemption) as a timeout
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: time to save a checkpoint
+    max_num_timeout: int = 3  # requeues after a timeout (preemptions do not count)
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # raw sbatch keys
+    setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. "module load cuda"
     job_name: str = "ldmscale"
-    folder: str = "${run_dir}/slurm"
-    array_parallelism: int = 16
+    folder: str = "${run_dir}/slurm"  # sbatch scripts, pickles and logs (%j = job id, %t = task)
+    array_parallelism: int = 16  # array tasks running at once (cache arrays, sweeps)
+    shards_per_task: int = 1  # cache arrays: input shards per array task
 
 
 # ---------------------------------------------------------------------------- trainer & friends
@@ -229,7 +241,12 @@ class TrainerConfig:
     log_every_steps: int = 10
     sample_every_steps: int = 0  # 0: never during training
     max_nonfinite_steps: int = 10
-    peak_flops: float = 0.0  # per device; 0: detect from the GPU
+    peak_flops: float = 0.0  # per device; 0: detect from the GPU (CPU: MFU reported against 1 TFLOP/s)
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a red circle in the top left", "a blue square in the bottom right",
+        "a green triangle in the top right", "a yellow circle in the bottom left"])
+    sample_seed: int = 0
+    sample_steps: int = 20  # sampler steps for the periodic grids
 
 
 @dataclass
@@ -240,6 +257,8 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True
     load_weights_only: Optional[str] = None  # a consolidated checkpoint to start from
+    dir: str = "${run_dir}/checkpoints"
+    save_at_end: bool = True
 
 
 @dataclass
@@ -253,15 +272,18 @@ class EMAConfig:
 
 @dataclass
 class CacheConfig:
-    """The offline latent/text-embedding cache job (tools/cache_latents.py)."""
+    """The offline latent/text-embedding cache job (tools/cache_latents.py, ldmscale/data/cache.py)."""
 
-    input: list[str] = field(default_factory=list)
-    output: str = ""
-    num_workers: int = 1
-    batch_size: int = 32
-    latent_dtype: str = "bf16"
-    text_dtype: str = "fp16"
-    max_failure_rate: float = 0.05
+    # Raw shard URLs: brace patterns, folders, `pipe:` commands; several separated by whitespace or "::".
+    input: str = ""
+    output: str = ""  # folder of cached shards + manifest.json
+    num_workers: int = 1  # local mode: worker processes (one per GPU when device is cuda)
+    batch_size: int = 32  # encoder batch (samples of one bucket)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    latent_dtype: str = "bf16"  # bf16 | fp16 | fp32: how KL moments / VQ latents are stored
+    text_dtype: str = "fp16"  # fp16 | bf16 | fp32
+    max_failure_rate: float = 0.05  # skipped/read above this → the job exits non-zero
+    progress: bool = True
 
 
 @dataclass
@@ -333,6 +355,14 @@ def validate(cfg: Config) -> Config:
                 "trainer.log_every_steps", "checkpoint.every_steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("launcher.nodes", "launcher.cpus_per_task", "launcher.timeout_min",
+                "launcher.array_parallelism", "launcher.shards_per_task"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("launcher.gpus_per_node", "launcher.tasks_per_node", "launcher.mem_gb",
+                "launcher.signal_delay_s", "launcher.max_num_timeout"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
