@@ -10,6 +10,7 @@ The library entry point is `generate(...)`; the CLI only loads models (`load_mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -306,12 +307,63 @@ def _load_state(denoiser: nn.Module, path: Path, ema: bool) -> None:
                          f"{'...' if len(unexpected) > 5 else ''}; check --config / model overrides")
 
 
+def is_run_dir(path: Path) -> bool:
+    """A training run directory: config.json holds a resolved Config (not a model export's config)."""
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and "diffusion" in data and "model" in data
+
+
+_DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_DIFFUSERS_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+
+
+def diffusion_from_scheduler_config(path: Path, diffusion: DiffusionConfig) -> DiffusionConfig:
+    """Take the process of a diffusers pipeline folder (scheduler/scheduler_config.json) into `diffusion`."""
+    file = path / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        return diffusion
+    sched = json.loads(file.read_text())
+    if sched.get("beta_schedule") not in _DIFFUSERS_BETAS or sched.get("trained_betas"):
+        raise ValueError(f"{file}: beta_schedule={sched.get('beta_schedule')!r} is not one of "
+                         f"{sorted(_DIFFUSERS_BETAS)}")
+    out = dataclasses.replace(diffusion, schedule=dataclasses.replace(diffusion.schedule))
+    out.schedule.beta_schedule = _DIFFUSERS_BETAS[sched["beta_schedule"]]
+    out.schedule.beta_start = sched.get("beta_start", out.schedule.beta_start)
+    out.schedule.beta_end = sched.get("beta_end", out.schedule.beta_end)
+    out.schedule.num_train_timesteps = sched.get("num_train_timesteps", out.schedule.num_train_timesteps)
+    out.schedule.zero_terminal_snr = bool(sched.get("rescale_betas_zero_snr", False))
+    out.prediction_type = _DIFFUSERS_PREDICTION.get(sched.get("prediction_type", "epsilon"), out.prediction_type)
+    out.timestep_spacing = sched.get("timestep_spacing", out.timestep_spacing)
+    return out
+
+
+def _denoiser_from_unet_checkpoint(path: Path, cfg: Config) -> nn.Module:
+    """A bare U-Net in any format `ldmscale.models.interop` reads, wrapped as a Denoiser of cfg's kind."""
+    from ldmscale.models import Denoiser
+    from ldmscale.models.interop import load_unet
+
+    kind = cfg.conditioner.kind
+    if kind == "layout":
+        raise ValueError(f"{path} is a bare U-Net, but a layout model also needs its trained layout encoder: "
+                         "pass the run directory or the exported denoiser state dict")
+    unet = load_unet(path)
+    concat_channels = unet.in_channels - unet.out_channels
+    return Denoiser(unet, kind, None, cfg.conditioner.num_classes if kind == "class" else None, concat_channels)
+
+
 def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Path] = None,
                 overrides: Sequence[str] = (), device: torch.device | str = "cpu") -> LoadedModels:
     """A run directory, our export, or any U-Net format `ldmscale.models` loads -> all sampling models.
 
     The config comes from the run directory, from --config, from a config.json beside the weights, or from
-    composing `overrides` (as `python -m ldmscale.train OVERRIDES` would).
+    composing `overrides` (as `python -m ldmscale.train OVERRIDES` would). A diffusers pipeline folder also
+    supplies the process (scheduler config) and, unless autoencoder.weights is set, the VAE.
     """
     from ldmscale.config import compose
     from ldmscale.models import build_autoencoder, build_denoiser, build_text_encoder
@@ -319,33 +371,40 @@ def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[st
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir() and (path / "config.json").is_file() and config is None:
+    pipeline_vae: Optional[str] = None
+    if is_run_dir(path) and config is None:
         cfg, denoiser = load_run_dir(path, ema)
     else:
         if config is not None:
             cfg = _read_config(Path(config))
-        elif path.is_file() and (path.parent / "config.json").is_file():
+        elif path.is_file() and is_run_dir(path.parent):
             cfg = _read_config(path.parent / "config.json")
         else:
             cfg = compose(list(overrides))
-        if path.is_file() and path.suffix in (".safetensors", ".pt", ".pth", ".bin") and not path.name.startswith(
-                "diffusion_pytorch_model"):
-            denoiser = build_denoiser(cfg.model, cfg.conditioner)
-            try:
-                _load_state(denoiser, path, ema)
-            except ValueError:
-                cfg.model.weights = str(path)  # an LDM/SD file: the models' interop maps its keys
-                denoiser = build_denoiser(cfg.model, cfg.conditioner)
+        if path.is_file() and path.suffix in (".safetensors", ".pt", ".pth") and \
+                any(key.startswith("unet.") for key in _read_state(path, ema)):
+            denoiser = build_denoiser(cfg.model, cfg.conditioner)  # our consolidated Denoiser export
+            _load_state(denoiser, path, ema)
         else:
-            cfg.model.weights = str(path)  # a diffusers folder or other format interop understands
-            denoiser = build_denoiser(cfg.model, cfg.conditioner)
-    if not cfg.autoencoder.weights:
+            denoiser = _denoiser_from_unet_checkpoint(path, cfg)
+        if path.is_dir():
+            cfg.diffusion = diffusion_from_scheduler_config(path, cfg.diffusion)
+            if not cfg.autoencoder.weights and (path / "vae").is_dir():
+                pipeline_vae = cfg.autoencoder.weights = str(path)
+    if cfg.autoencoder.weights:
+        from ldmscale.models import load_autoencoder
+
+        # the latent scaling the denoiser was trained with: the run's config, or the pipeline's VAE config
+        scaling = {} if pipeline_vae else dict(scale_factor=cfg.autoencoder.scale_factor,
+                                               shift_factor=cfg.autoencoder.shift_factor)
+        autoencoder = load_autoencoder(cfg.autoencoder.weights, **scaling).to(device).eval()
+    else:
         warnings.warn("autoencoder.weights is not set: decoding with a randomly initialised (seed 0) "
                       "autoencoder; set autoencoder.weights (or -o autoencoder.weights=PATH) for real images",
                       stacklevel=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # only matters for an untrained autoencoder: the same one in every call
-        autoencoder = build_autoencoder(cfg.autoencoder).to(device).eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # only matters for an untrained autoencoder: the same one in every call
+            autoencoder = build_autoencoder(cfg.autoencoder).to(device).eval()
     text_encoder = build_text_encoder(cfg.conditioner, device=device) if cfg.conditioner.kind == "text" else None
     return LoadedModels(cfg, denoiser.to(device).eval(), autoencoder, text_encoder)
 

@@ -166,3 +166,32 @@ def test_cli_from_run_dir(tmp_path):
         assert np.abs(again - np.asarray(Image.open(out_dir / "images" / f"{i:06d}.png"), dtype=np.int16)).max() <= 1
     with pytest.raises(FileNotFoundError, match="export"):
         main(["--checkpoint", str(run_dir), "--raw", "--class-ids", "1", "--out", str(tmp_path / "raw")])
+
+
+def test_cli_from_diffusers_pipeline_folder_and_our_unet_export(tmp_path, recwarn):
+    from ldmscale.models.interop import save_autoencoder, save_unet
+
+    diffusers = pytest.importorskip("diffusers")
+    denoiser, autoencoder, _ = _models("text")
+    pipeline = tmp_path / "pipeline"
+    save_unet(denoiser.unet, pipeline / "unet", "diffusers")
+    save_autoencoder(autoencoder, pipeline / "vae", "diffusers")
+    diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                            prediction_type="v_prediction", timestep_spacing="trailing",
+                            rescale_betas_zero_snr=True).save_config(str(pipeline / "scheduler"))
+    out = tmp_path / "out"
+    main(["--checkpoint", str(pipeline), "--prompt", "a red circle", "--steps", "2", "--guidance", "1",
+          "--height", "16", "--width", "16", "--out", str(out), "--no-progress"])
+    assert not [w for w in recwarn if "autoencoder.weights" in str(w.message)]  # the pipeline's VAE is used
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["prediction_type"] == "v" and settings["timestep_spacing"] == "trailing"
+    assert settings["schedule"]["zero_terminal_snr"] is True
+
+    # our U-Net export (a folder), class-conditioned: the config comes from the overrides
+    class_den, _, _ = _models("class", num_classes=3)
+    save_unet(class_den.unet, tmp_path / "unet_export", "ldmscale")
+    with pytest.warns(UserWarning, match="autoencoder.weights"):
+        main(["--checkpoint", str(tmp_path / "unet_export"), "--class-ids", "2", "--steps", "2",
+              "--height", "16", "--width", "16", "--out", str(tmp_path / "out2"), "--no-progress",
+              "-o", "conditioner=text_tiny", "-o", "conditioner.kind=class", "-o", "conditioner.num_classes=3"])
+    assert json.loads((tmp_path / "out2" / "settings.json").read_text())["class_ids"] == [2]
