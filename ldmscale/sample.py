@@ -166,13 +166,21 @@ def generate(denoiser: nn.Module, autoencoder: Optional[nn.Module], text_encoder
     device = torch.device(device) if device is not None else next(denoiser.parameters()).device
     sampler = sampler or diffusion_cfg.sampler
     num_steps = num_steps or diffusion_cfg.num_sampling_steps
-    guidance_scale = diffusion_cfg.guidance_scale if guidance_scale is None else guidance_scale
+    if guidance_scale is None:  # the config's default: drop it quietly where it cannot apply
+        guidance_scale = diffusion_cfg.guidance_scale
+        unguidable = cond_kind in ("sr", "inpaint", "none") or (trained_ucg_rate is not None and trained_ucg_rate <= 0)
+        if unguidable and guidance_scale != 1.0:
+            warnings.warn(f"diffusion.guidance_scale={guidance_scale} ignored: a {cond_kind!r} model trained with "
+                          f"ucg_rate={trained_ucg_rate} has no unconditional mode; sampling with scale 1.0",
+                          stacklevel=2)
+            guidance_scale = 1.0
+    elif cond_kind in ("sr", "inpaint", "none") and guidance_scale != 1.0:
+        raise ValueError(f"guidance_scale={guidance_scale}: conditioner.kind={cond_kind!r} has nothing to guide "
+                         "(concat inputs are never dropped in training); use 1.0")
     guidance_rescale = diffusion_cfg.guidance_rescale if guidance_rescale is None else guidance_rescale
     eta = diffusion_cfg.eta if eta is None else eta
     karras_sigmas = diffusion_cfg.karras_sigmas if karras_sigmas is None else karras_sigmas
     timestep_spacing = timestep_spacing or diffusion_cfg.timestep_spacing
-    if cond_kind in ("sr", "inpaint", "none") and guidance_scale != 1.0:
-        guidance_scale = 1.0  # nothing to guide: concat inputs are never dropped in training
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels, dtype=torch.long)
 

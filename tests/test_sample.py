@@ -103,10 +103,14 @@ def test_class_layout_and_sr_conditioning():
 
     denoiser, autoencoder, _ = _models("sr")
     low_res = torch.rand(2, 3, 8, 8) * 2 - 1
-    a = generate(denoiser, autoencoder, None, "sr", diffusion_cfg=DIFFUSION, low_res=low_res, height=32,
-                 width=32, progress=False)
+    with pytest.warns(UserWarning, match="guidance_scale=3.0 ignored"):  # the config default cannot apply
+        a = generate(denoiser, autoencoder, None, "sr", diffusion_cfg=DIFFUSION, low_res=low_res, height=32,
+                     width=32, progress=False)
     b = generate(denoiser, autoencoder, None, "sr", diffusion_cfg=DIFFUSION, low_res=-low_res, height=32,
-                 width=32, progress=False)
+                 width=32, progress=False, guidance_scale=1.0)
+    with pytest.raises(ValueError, match="nothing to guide"):
+        generate(denoiser, autoencoder, None, "sr", diffusion_cfg=DIFFUSION, low_res=low_res, height=32,
+                 width=32, progress=False, guidance_scale=3.0)
     assert a.images.shape == (2, 3, 32, 32) and not torch.allclose(a.latents, b.latents)
 
 
@@ -116,12 +120,12 @@ def test_inpainting_concat_model_and_blending():
     mask[..., 4:12, 4:12] = 1
     denoiser, autoencoder, _ = _models("inpaint")
     out = generate(denoiser, autoencoder, None, "inpaint", diffusion_cfg=DIFFUSION, image=image, mask=mask,
-                   height=16, width=16, progress=False)
+                   height=16, width=16, progress=False, guidance_scale=1.0)
     assert out.images.shape == (2, 3, 16, 16) and out.settings["inpainting"] == "concat"
 
     denoiser, autoencoder, _ = _models("none")
     out = generate(denoiser, autoencoder, None, "none", diffusion_cfg=DIFFUSION, image=image, mask=mask,
-                   height=16, width=16, progress=False, seed=5)
+                   height=16, width=16, progress=False, seed=5, guidance_scale=1.0)
     assert out.settings["inpainting"] == "blend"
     with torch.no_grad():
         moments = autoencoder.encode_moments(image)
