@@ -149,14 +149,15 @@ def generate(denoiser: nn.Module, autoencoder: Optional[nn.Module], text_encoder
              class_labels: Optional[Sequence[int] | Tensor] = None, boxes: Optional[Tensor] = None,
              box_classes: Optional[Tensor] = None, low_res: Optional[Tensor] = None,
              image: Optional[Tensor] = None, mask: Optional[Tensor] = None, num_images: Optional[int] = None,
-             images_per_condition: int = 1, seed: int = 0, height: int = 32, width: int = 32,
+             images_per_condition: int = 1, seed: int = 0, seeds: Optional[Sequence[int]] = None,
+             height: int = 32, width: int = 32,
              sampler: Optional[str] = None, num_steps: Optional[int] = None,
              guidance_scale: Optional[float] = None, guidance_rescale: Optional[float] = None,
              eta: Optional[float] = None, karras_sigmas: Optional[bool] = None,
              timestep_spacing: Optional[str] = None, trained_ucg_rate: Optional[float] = None,
              num_classes: Optional[int] = None, batch_size: int = 8, progress: bool = True,
              device: Optional[torch.device | str] = None) -> Generation:
-    """Sample images from a stage-2 denoiser and decode them; image i uses seed `seed + i`.
+    """Sample images from a stage-2 denoiser and decode them; image i uses seed `seed + i` (or `seeds[i]`).
 
     Sampler settings default to `diffusion_cfg` (sampler, num_sampling_steps, guidance_scale, ...).
     height/width are in pixels and need not be the training size (the U-Net is convolutional).
@@ -197,7 +198,11 @@ def generate(denoiser: nn.Module, autoencoder: Optional[nn.Module], text_encoder
     latent_hw = (height // factor, width // factor)
     channels = getattr(autoencoder, "latent_channels", None) or denoiser.unet.out_channels
     schedule = Schedule.from_config(diffusion_cfg.schedule)
-    seeds = [seed + i for i in range(total)]
+    if seeds is None:
+        seeds = [seed + i for i in range(total)]
+    elif len(seeds) != total:
+        raise ValueError(f"got {len(seeds)} seeds for {total} images")
+    seeds = [int(s) for s in seeds]
 
     denoiser.eval()
     all_latents, all_images = [], []
@@ -262,34 +267,31 @@ def _read_config(path: Path) -> Config:
     return to_object(OmegaConf.create(raw))
 
 
-def load_run_dir(run_dir: Path, ema: bool = True) -> tuple[Config, nn.Module]:
-    """HOOK for training run directories: the resolved config and the consolidated (EMA or raw) denoiser.
+def load_run_dir(run_dir: Path, ema: bool = True) -> LoadedModels:
+    """THE hook for training run directories: config + consolidated (EMA or raw) denoiser + encoders.
 
-    Delegates to `ldmscale.checkpoint.load_run_models(run_dir, ema=ema)` (training module) when it exists;
-    it may return (cfg, denoiser, ...) or a dict with "config"/"cfg" and "denoiser". Until then, reads
-    run_dir/config.json and the exported weights run_dir/export/denoiser{_ema}.safetensors.
+    1. run_dir/export/denoiser_ema.safetensors (denoiser.safetensors for raw weights), if exported there
+       (`python tools/export_checkpoint.py RUN --out RUN/export/denoiser_ema.safetensors`): read directly;
+    2. otherwise `ldmscale.checkpoint.load_run_models(run_dir, ema=ema)` (training module), which
+       consolidates the latest DeepSpeed checkpoint offline -> (cfg, denoiser, autoencoder, text_encoder).
     """
-    try:
-        from ldmscale.checkpoint import load_run_models  # type: ignore[attr-defined]
-    except ImportError:
-        load_run_models = None
-    if load_run_models is not None:
-        loaded = load_run_models(run_dir, ema=ema)
-        if isinstance(loaded, dict):
-            return loaded.get("config", loaded.get("cfg")), loaded["denoiser"]
-        return loaded[0], loaded[1]
+    weights = run_dir / "export" / ("denoiser_ema.safetensors" if ema else "denoiser.safetensors")
+    if not weights.is_file():
+        try:
+            from ldmscale.checkpoint import load_run_models  # type: ignore[attr-defined]
+        except ImportError as err:
+            raise FileNotFoundError(
+                f"{run_dir} has no exported weights {weights}, and this ldmscale has no "
+                "ldmscale.checkpoint.load_run_models to consolidate its checkpoint; export the run "
+                f"(tools/export_checkpoint.py {run_dir} --out {weights})") from err
+        cfg, denoiser, autoencoder, text_encoder = load_run_models(run_dir, ema=ema)
+        return LoadedModels(cfg, denoiser, autoencoder, text_encoder)
     from ldmscale.models import build_denoiser
 
     cfg = _read_config(run_dir / "config.json")
-    name = "denoiser_ema.safetensors" if ema else "denoiser.safetensors"
-    weights = run_dir / "export" / name
-    if not weights.is_file():
-        raise FileNotFoundError(f"{run_dir} has no exported weights {weights}; export the run first "
-                                "(tools/export_checkpoint.py) or pass the weights file as --checkpoint with "
-                                f"--config {run_dir / 'config.json'}")
-    denoiser = build_denoiser(cfg.model, cfg.conditioner)
+    denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
     _load_state(denoiser, weights, ema)
-    return cfg, denoiser
+    return LoadedModels(cfg, denoiser, None, None)
 
 
 def _read_state(path: Path, ema: bool) -> dict[str, Tensor]:
@@ -381,7 +383,14 @@ def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[st
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     pipeline_vae: Optional[str] = None
     if is_run_dir(path) and config is None:
-        cfg, denoiser = load_run_dir(path, ema)
+        loaded = load_run_dir(path, ema)
+        cfg, denoiser = loaded.cfg, loaded.denoiser
+        if loaded.autoencoder is not None:
+            text_encoder = loaded.text_encoder
+            if text_encoder is not None and hasattr(text_encoder, "to"):
+                text_encoder = text_encoder.to(device)
+            return LoadedModels(cfg, denoiser.to(device).eval(), loaded.autoencoder.to(device).eval(),
+                                text_encoder)
     else:
         if config is not None:
             cfg = _read_config(Path(config))
@@ -417,6 +426,35 @@ def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[st
     return LoadedModels(cfg, denoiser.to(device).eval(), autoencoder, text_encoder)
 
 
+def to_pil(images: Tensor) -> list[Any]:
+    """[N, 3, H, W] in [0, 1] -> PIL images."""
+    from PIL import Image
+
+    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(array) for array in arrays]
+
+
+def generate_from_run(checkpoint: str | Path, prompts: Optional[Sequence[str]] = None, *,
+                      seeds: Optional[Sequence[int]] = None, seed: int = 0, ema: bool = True,
+                      batch_size: int = 8, device: Optional[torch.device | str] = None,
+                      progress: bool = True, **kwargs: Any) -> list[Any]:
+    """A run directory (or any checkpoint `load_models` reads) + prompts -> PIL images, one per prompt.
+
+    Sampler settings and the image size come from the run's config unless given in kwargs (see generate).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = load_models(checkpoint, ema=ema, device=device)
+    cfg = models.cfg
+    kwargs.setdefault("height", cfg.data.resolution)
+    kwargs.setdefault("width", cfg.data.resolution)
+    generation = generate(models.denoiser, models.autoencoder, models.text_encoder, cfg.conditioner.kind,
+                          diffusion_cfg=cfg.diffusion, prompts=prompts, seeds=seeds, seed=seed,
+                          trained_ucg_rate=cfg.conditioner.ucg_rate,
+                          num_classes=cfg.conditioner.num_classes or None, batch_size=batch_size,
+                          progress=progress, device=device, **kwargs)
+    return to_pil(generation.images)
+
+
 # ---------------------------------------------------------------------------- files
 def _load_image(path: str, size: Optional[tuple[int, int]] = None, gray: bool = False) -> Tensor:
     import numpy as np
@@ -431,19 +469,17 @@ def _load_image(path: str, size: Optional[tuple[int, int]] = None, gray: bool = 
 
 def save_outputs(generation: Generation, out_dir: str | Path, extra_settings: dict[str, Any]) -> Path:
     """grid.png, images/NNNNNN.png and settings.json under out_dir (written image by image)."""
-    from PIL import Image
     from torchvision.utils import make_grid
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    to_uint8 = lambda x: (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # noqa: E731
     files = []
-    for i, img in enumerate(generation.images):
+    for i, img in enumerate(to_pil(generation.images)):
         name = f"images/{i:06d}.png"
-        Image.fromarray(to_uint8(img)).save(out / name)
+        img.save(out / name)
         files.append(name)
     nrow = max(1, math.ceil(math.sqrt(len(generation.images))))
-    Image.fromarray(to_uint8(make_grid(generation.images, nrow=nrow, padding=2))).save(out / "grid.png")
+    to_pil(make_grid(generation.images, nrow=nrow, padding=2)[None])[0].save(out / "grid.png")
     settings = {**generation.settings, **extra_settings, "files": files, "grid": "grid.png"}
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     return out

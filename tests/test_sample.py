@@ -168,7 +168,16 @@ def test_cli_from_run_dir(tmp_path):
     for i in range(4):  # batch size 1 vs 4: the same images up to float rounding of batched kernels
         again = np.asarray(Image.open(tmp_path / "again" / "images" / f"{i:06d}.png"), dtype=np.int16)
         assert np.abs(again - np.asarray(Image.open(out_dir / "images" / f"{i:06d}.png"), dtype=np.int16)).max() <= 1
-    with pytest.raises(FileNotFoundError, match="export"):
+    # explicit per-image seeds through the library entry point: seeds 11 and 13 are images 0 and 2 above
+    from ldmscale.sample import generate_from_run
+
+    with pytest.warns(UserWarning):
+        pil = generate_from_run(run_dir, class_labels=[0, 3], seeds=[11, 13], guidance_scale=2.5, width=24,
+                                progress=False, device="cpu")
+    for image, index in zip(pil, (0, 2)):
+        saved = np.asarray(Image.open(out_dir / "images" / f"{index:06d}.png"), dtype=np.int16)
+        assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 1
+    with pytest.raises(FileNotFoundError, match="export|checkpoint"):
         main(["--checkpoint", str(run_dir), "--raw", "--class-ids", "1", "--out", str(tmp_path / "raw")])
 
 
