@@ -311,22 +311,30 @@ class RunModels(NamedTuple):
     text_encoder: Any  # None unless conditioner.kind == "text"
 
 
-def load_run_models(run_dir: str | Path, ema: bool = True, *, tag: str | None = None) -> RunModels:
-    """A stage-2 run directory → (config, denoiser with EMA or raw weights, autoencoder, text encoder)."""
+def build_run_models(cfg: Config, device: torch.device | str = "cpu") -> RunModels:
+    """The models a stage-2 config names, in eval mode: an untrained denoiser (the caller loads weights),
+    the autoencoder (cfg.autoencoder.weights, else the cache job's seed-0 one) and the text encoder."""
     import dataclasses
 
     from ldmscale.models import build_autoencoder, build_denoiser, build_text_encoder
 
-    cfg = read_run_config(run_dir)
-    state, _ = load_run_weights(run_dir, ema=ema, tag=tag)
     model_cfg = dataclasses.replace(cfg.model, weights=None)  # the checkpoint supersedes the initial weights
     denoiser = build_denoiser(model_cfg, cfg.conditioner)
-    missing, unexpected = denoiser.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise KeyError(f"{run_dir}: the checkpoint does not fit the configured denoiser: missing "
-                       f"{missing[:5]}, unexpected {unexpected[:5]}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # an untrained autoencoder is the cache job's (seed 0)
         autoencoder = build_autoencoder(cfg.autoencoder)
-    text_encoder = build_text_encoder(cfg.conditioner) if cfg.conditioner.kind == "text" else None
-    return RunModels(cfg, denoiser.eval(), autoencoder.eval(), text_encoder)
+    text_encoder = build_text_encoder(cfg.conditioner, device=device) if cfg.conditioner.kind == "text" else None
+    return RunModels(cfg, denoiser.to(device).eval(), autoencoder.to(device).eval(), text_encoder)
+
+
+def load_run_models(run_dir: str | Path, ema: bool = True, *, tag: str | None = None,
+                    device: torch.device | str = "cpu") -> RunModels:
+    """A stage-2 run directory → (config, denoiser with EMA or raw weights, autoencoder, text encoder)."""
+    cfg = read_run_config(run_dir)
+    state, _ = load_run_weights(run_dir, ema=ema, tag=tag)
+    models = build_run_models(cfg, device)
+    missing, unexpected = models.denoiser.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"{run_dir}: the checkpoint does not fit the configured denoiser: missing "
+                       f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return models

@@ -7,7 +7,6 @@ under plain python, torchrun, the deepspeed launcher and srun (env.detect reads 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -95,7 +94,7 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
     from ldmscale.distributed import engine as eng
     from ldmscale.ema import PartitionedEMA
     from ldmscale.models import build_denoiser
-    from ldmscale.trainer import DiffusionTask
+    from ldmscale.trainer import DiffusionTask, SampleGrid
 
     denoiser = build_denoiser(cfg.model, cfg.conditioner)
     if cfg.checkpoint.load_weights_only:
@@ -116,75 +115,6 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
     loader = build_loader(cfg.data, cfg.conditioner, cfg.autoencoder, seed=cfg.seed, rank=dist.rank,
                           world_size=dist.world_size)
     return task, loader, engine.gradient_accumulation_steps, flops
-
-
-class SampleGrid:
-    """Fixed prompts and seeds → EMA denoiser → decoder → one PNG grid per call (main rank writes)."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self._model: torch.nn.Module | None = None
-        self._decoder: Any = None
-        self._text: Any = None
-
-    def __call__(self, ema: Any, step: int, out_dir: Path) -> list[tuple[Path, str]]:
-        from ldmscale.distributed import env
-
-        weights = ema.full_state_dict()  # collective: every rank takes part in the gather
-        if not env.is_main():
-            return []
-        from ldmscale.diffusion.samplers import guided_model_fn, sample
-        from ldmscale.models import (
-            build_autoencoder,
-            build_denoiser,
-            build_text_encoder,
-            null_conditions,
-            unscale_latents,
-        )
-
-        cfg = self.cfg
-        if self._model is None:
-            self._model = build_denoiser(cfg.model, cfg.conditioner).eval()
-            self._decoder = build_autoencoder(cfg.autoencoder).eval()
-            if cfg.autoencoder.weights:
-                from ldmscale.models import load_autoencoder
-
-                self._decoder = load_autoencoder(cfg.autoencoder.weights).eval()
-            self._text = build_text_encoder(cfg.conditioner) if cfg.conditioner.kind == "text" else None
-        self._model.load_state_dict(weights, strict=False)
-        prompts = list(cfg.trainer.sample_prompts)
-        cond: dict[str, torch.Tensor] = {}
-        if self._text is not None:
-            enc = self._text.encode(prompts)
-            mask = torch.arange(enc.tokens.shape[1])[None] < enc.lengths[:, None]
-            cond = {"context": enc.tokens, "context_mask": mask, "pooled": enc.pooled}
-        elif cfg.conditioner.kind == "class":
-            cond = {"class_labels": torch.arange(len(prompts)) % max(1, cfg.conditioner.num_classes)}
-        factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1)
-        side = cfg.data.resolution // factor
-        gens = [torch.Generator().manual_seed(cfg.trainer.sample_seed + i) for i in range(len(prompts))]
-        x_T = torch.stack([torch.randn(cfg.autoencoder.embed_dim, side, side, generator=g) for g in gens])
-        scale = cfg.diffusion.guidance_scale if cfg.conditioner.ucg_rate > 0 and cond else 1.0
-        uncond = null_conditions(cond, cfg.conditioner.kind) if cond else None
-        with torch.no_grad():
-            model_fn = guided_model_fn(self._model, cond, uncond, scale)
-            latents = sample(model_fn, x_T, sampler=cfg.diffusion.sampler, num_steps=cfg.trainer.sample_steps,
-                             schedule=cfg.diffusion.schedule, prediction_type=cfg.diffusion.prediction_type,
-                             eta=cfg.diffusion.eta, timestep_spacing=cfg.diffusion.timestep_spacing)
-            latents = unscale_latents(latents, cfg.autoencoder.scale_factor, cfg.autoencoder.shift_factor)
-            pixels = self._decoder.decode(latents).clamp(-1, 1)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"step_{step:08d}.png"
-        _save_grid(pixels, path)
-        return [(path, " | ".join(prompts))]
-
-
-def _save_grid(pixels: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    images = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # [N,3,H,W]
-    grid = torch.cat(list(images), dim=2)  # side by side: [3,H,N*W]
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
 def run(cfg: Config) -> None:

@@ -272,7 +272,7 @@ class DiffusionTask(EngineTask):
         super().__init__(engine, ema, seed=seed, rank=rank)
         self.objective = objective
         self.cond_kind, self.ucg_rate, self.num_classes = cond_kind, ucg_rate, num_classes
-        self.sampler = sampler  # builds EMA sample grids (ldmscale.train.SampleGrid)
+        self.sampler = sampler  # builds EMA sample grids (SampleGrid)
 
     def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         """The engine in its compute dtype; the objective sees float32."""
@@ -293,3 +293,52 @@ class DiffusionTask(EngineTask):
         if self.sampler is None or self.ema is None:
             return []
         return self.sampler(self.ema, step, out_dir)
+
+
+class SampleGrid:
+    """Fixed prompts and seeds → EMA denoiser → ldmscale.sample.generate → one PNG grid (main rank writes)."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self._models: Any = None
+
+    def __call__(self, ema: Any, step: int, out_dir: Path) -> list[tuple[Path, str]]:
+        from ldmscale.distributed import env
+
+        weights = ema.full_state_dict()  # collective: every rank takes part in the gather
+        if not env.is_main():
+            return []
+        from ldmscale.checkpoint import build_run_models
+        from ldmscale.sample import generate
+
+        cfg = self.cfg
+        prompts = list(cfg.trainer.sample_prompts)
+        kind = cfg.conditioner.kind
+        if kind not in ("text", "class", "none"):  # layout/sr/inpaint grids need per-image inputs
+            return []
+        if self._models is None:
+            device = next(iter(weights.values())).device
+            self._models = build_run_models(cfg, device=device)
+        denoiser = self._models.denoiser
+        denoiser.load_state_dict(weights, strict=False)  # trainable parameters; buffers stay as built
+        inputs: dict[str, Any] = {"none": {"num_images": len(prompts)}, "text": {"prompts": prompts},
+                                  "class": {"class_labels": torch.arange(len(prompts)) % max(1, cfg.conditioner.num_classes)}}[kind]
+        generation = generate(denoiser, self._models.autoencoder, self._models.text_encoder, kind,
+                              diffusion_cfg=cfg.diffusion, seed=cfg.trainer.sample_seed, height=cfg.data.resolution,
+                              width=cfg.data.resolution, num_steps=cfg.trainer.sample_steps,
+                              trained_ucg_rate=cfg.conditioner.ucg_rate,
+                              num_classes=cfg.conditioner.num_classes or None, batch_size=len(prompts),
+                              progress=False, **inputs)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step_{step:08d}.png"
+        _save_row(generation.images, path)
+        return [(path, " | ".join(prompts))]
+
+
+def _save_row(images: torch.Tensor, path: Path) -> None:
+    """[N,3,H,W] in [0,1] → one PNG with the images side by side."""
+    from PIL import Image
+
+    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    row = torch.cat(list(pixels), dim=2)  # [3,H,N*W]
+    Image.fromarray(row.permute(1, 2, 0).cpu().numpy()).save(path)

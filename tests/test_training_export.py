@@ -138,8 +138,9 @@ def test_zero_stage_trains_the_real_tiny_model(real_runs, stage):
 
 @pytest.mark.slow
 def test_load_run_models_and_every_export_format(real_runs, tmp_path):
-    from ldmscale.models import load_autoencoder, load_unet
     from safetensors.torch import load_file
+
+    from ldmscale.models import load_autoencoder, load_unet
 
     run = real_runs[3]
     models = load_run_models(run, ema=True)
