@@ -104,7 +104,7 @@ STEPS = 12
 def train_cmd(run_dir: Path, cache: Path, ranks: int = 2, **overrides: object) -> list[str]:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                  "--master_port", str(free_port())] if ranks > 1 else [sys.executable])
-    settings = {"data.train_shards": f"[{cache}]", "data.micro_batch_size": 8,
+    settings = {"stage": "diffusion", "data.train_shards": f"[{cache}]", "data.micro_batch_size": 8,
                 "data.global_batch_size": 8 * ranks, "trainer.max_steps": STEPS, "trainer.log_every_steps": 1,
                 "checkpoint.every_steps": 1000, "run_dir": run_dir, "logger.wandb_mode": "disabled",
                 "optim.lr": 2e-3, "logger.progress_bar": "false", **overrides}
