@@ -68,6 +68,7 @@ class AutoencoderConfig:
     embed_dim: int = 4
     double_z: bool = True
     dropout: float = 0.0
+    resolution: int = 256  # only locates attn_resolutions (given in pixels at each level)
     n_embed: int = 256  # VQ codebook size
     beta: float = 0.25  # VQ commitment weight
     scale_factor: float = 1.0
