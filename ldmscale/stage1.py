@@ -1,0 +1,354 @@
+"""Stage 1: the autoencoder Task (KL or VQ) trained with L1/L2 + LPIPS + KL/codebook + PatchGAN.
+
+Two DeepSpeed engines, "generator" (autoencoder + the NLL log-variance) and "discriminator", not one
+engine with two parameter groups. A GAN alternates two losses over disjoint parameter sets: with one
+engine, a backward of the generator loss would also write gradients (and, under ZeRO-2, reduce-scatter
+them) into the discriminator's partitions, and one `step()` would update both with the wrong gradients.
+Two engines give each player its own optimiser, ZeRO partitioning, gradient clipping, lr schedule and
+checkpoint folder, with no hand-made masking. During the generator step the discriminator's parameters
+are frozen (requires_grad=False), so no gradient reaches its engine's hooks.
+
+The frozen LPIPS network is held outside both engines: it is not trained and not checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from ldmscale import evaluation
+from ldmscale.config import Config
+from ldmscale.data.pixels import PixelShardDataset, build_pixel_loader
+from ldmscale.models import build_autoencoder
+from ldmscale.models.autoencoder import AutoencoderKL, VQModel, estimate_scale_and_shift, estimate_scale_factor
+from ldmscale.models.losses import AutoencoderLoss, build_discriminator
+
+EXPORT_DIR = "autoencoder"  # RUN_DIR/autoencoder: weights + config + latent scale (what stage 2 loads)
+WEIGHTS_FILE = "autoencoder.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class GeneratorModule(nn.Module):
+    """What the generator engine trains: the autoencoder and LDM's learned NLL log-variance."""
+
+    def __init__(self, autoencoder: AutoencoderKL | VQModel, loss: AutoencoderLoss) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.loss = loss  # registers only `logvar`; LPIPS is kept unregistered (frozen, not saved)
+
+    def forward(self, pixels: torch.Tensor, generator: Optional[torch.Generator] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """pixels → (reconstruction, KL [B] | VQ loss [], VQ code indices [B,h,w] | None)."""
+        if isinstance(self.autoencoder, VQModel):
+            out = self.autoencoder(pixels)
+            return out.reconstruction, out.qloss, out.indices
+        recon, posterior = self.autoencoder(pixels, sample_posterior=True, generator=generator)
+        return recon, posterior.kl(), None
+
+
+def _rank_world() -> tuple[int, int]:
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t)
+    return t
+
+
+class AutoencoderTask:
+    """Stage-1 training for the shared trainer: `train_step`, `evaluate`, `state_dict`, `export`."""
+
+    name = "autoencoder"
+
+    def __init__(self, cfg: Config, *, rank: int | None = None, world_size: int | None = None) -> None:
+        from ldmscale.distributed import engine as ds_engine
+
+        self.cfg = cfg
+        r, w = _rank_world()
+        self.rank, self.world_size = (r if rank is None else rank), (w if world_size is None else world_size)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        autoencoder = build_autoencoder(cfg.autoencoder)
+        self.loss_fn = AutoencoderLoss(cfg.ae_loss, kind=cfg.autoencoder.kind)
+        generator = GeneratorModule(autoencoder, self.loss_fn)
+        discriminator = build_discriminator(cfg.ae_loss)
+        common = dict(micro_batch_size=cfg.data.micro_batch_size, global_batch_size=cfg.data.global_batch_size,
+                      world_size=self.world_size, max_steps=cfg.trainer.max_steps)
+        self.g_engine = ds_engine.initialize(generator, cfg.deepspeed, cfg.optim, **common)
+        d_optim = dataclasses.replace(cfg.optim, lr=cfg.ae_loss.disc_lr or cfg.optim.lr)
+        self.d_engine = ds_engine.initialize(discriminator, cfg.deepspeed, d_optim, **common)
+        self.device = self.g_engine.device
+        if self.loss_fn.perceptual is not None:
+            self.loss_fn.perceptual.to(self.device)
+        self.loader = build_pixel_loader(cfg.data, seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        self.micro_steps = 0
+
+    # ------------------------------------------------------------------ trainer protocol
+    @property
+    def engines(self) -> dict[str, Any]:
+        return {"generator": self.g_engine, "discriminator": self.d_engine}
+
+    @property
+    def autoencoder(self) -> AutoencoderKL | VQModel:
+        return self.g_engine.module.autoencoder
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (the discriminator switches on at ae_loss.disc_start of these)."""
+        return self.g_engine.global_steps
+
+    def batches(self):
+        return iter(self.loader)
+
+    def _posterior_generator(self) -> torch.Generator:
+        # KL sampling noise is a function of (seed, micro step, rank): exact resume without RNG state.
+        seed = (self.cfg.seed * 1_000_003 + self.micro_steps) * 4099 + self.rank
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One micro-batch: generator backward/step, then (once on) the discriminator's. Detached logs."""
+        pixels = batch["pixels"].to(self.device, self.g_engine.compute_dtype)
+        step = self.step
+        disc_on = step >= self.cfg.ae_loss.disc_start and self.cfg.ae_loss.disc_factor > 0
+        discriminator = self.d_engine.module
+
+        recon, reg, indices = self.g_engine(pixels, self._posterior_generator())
+        logits_fake = None
+        if disc_on:
+            discriminator.requires_grad_(False)
+            logits_fake = self.d_engine(recon)
+        last_layer = self.autoencoder.get_last_layer()
+        g_out = self.loss_fn.generator_loss(pixels.float(), recon.float(), reg.float(), None
+                                            if logits_fake is None else logits_fake.float(), step, last_layer)
+        self.g_engine.backward(g_out.loss)
+        self.g_engine.step()
+        logs = dict(g_out.logs)
+        if disc_on:
+            discriminator.requires_grad_(True)
+            logits_real = self.d_engine(pixels.detach())
+            logits_fake = self.d_engine(recon.detach())
+            d_out = self.loss_fn.discriminator_loss(logits_real.float(), logits_fake.float(), step)
+            self.d_engine.backward(d_out.loss)
+            self.d_engine.step()
+            logs.update(d_out.logs)
+        with torch.no_grad():
+            logs["psnr"] = evaluation.psnr(pixels.float(), recon.float()).mean()
+            if indices is not None:
+                n_embed = self.autoencoder.quantize.n_embed
+                logs.update({k: torch.tensor(v) for k, v in evaluation.codebook_stats(indices, n_embed).items()})
+        self.micro_steps += 1
+        return logs
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the checkpoint's client state needs beyond the engines (per rank)."""
+        return {"loader": self.loader.state_dict(), "micro_steps": self.micro_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.micro_steps = int(state["micro_steps"])
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, out_dir: str | Path | None = None, tag: str = "") -> dict[str, Any]:
+        """PSNR/SSIM (and VQ codebook stats) on held-out shards, each rank a slice; a grid PNG on rank 0.
+
+        Returns {"metrics": {...}, "grid_path": Path | None}. Deterministic reconstructions (posterior mode).
+        """
+        cfg = self.cfg.ae_loss
+        urls = cfg.eval_shards or self.cfg.data.train_shards
+        dataset = PixelShardDataset(urls, self.cfg.data.resolution)
+        count = min(cfg.num_eval_samples, len(dataset))
+        indices = list(range(self.rank, count, self.world_size))
+        model = self.autoencoder
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)  # psnr, ssim, n
+        n_embed = model.quantize.n_embed if isinstance(model, VQModel) else 0
+        code_counts = torch.zeros(max(n_embed, 1), dtype=torch.float64)
+        grid_rows: list[torch.Tensor] = []
+        batch = self.cfg.data.micro_batch_size
+        for lo in range(0, len(indices), batch):
+            pixels = torch.stack([dataset[i] for i in indices[lo:lo + batch]]).to(self.device)
+            recon, codes = self.reconstruct(pixels)
+            sums[0] += evaluation.psnr(pixels, recon).double().sum().cpu()
+            sums[1] += evaluation.ssim(pixels, recon).double().sum().cpu()
+            sums[2] += pixels.shape[0]
+            if codes is not None:
+                code_counts += torch.bincount(codes.flatten().cpu(), minlength=n_embed).double()
+            if not grid_rows:
+                k = cfg.num_grid_samples
+                grid_rows = [pixels[:k].cpu(), recon[:k].float().cpu()]
+        model.train(was_training)
+        _all_reduce_sum(sums)
+        metrics: dict[str, Any] = {"eval/psnr": float(sums[0] / sums[2]), "eval/ssim": float(sums[1] / sums[2])}
+        if n_embed:
+            _all_reduce_sum(code_counts)
+            stats = evaluation.codebook_stats_from_counts(code_counts)
+            metrics.update({f"eval/{k}": v for k, v in stats.items()})
+        grid_path = None
+        if out_dir is not None and self.rank == 0 and grid_rows:
+            grid_path = evaluation.save_grid(grid_rows, Path(out_dir) / f"recon_{tag or self.step:0>8}.png")
+        return {"metrics": metrics, "grid_path": grid_path}
+
+    def reconstruct(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        model = self.autoencoder
+        pixels = pixels.to(self.device, self.g_engine.compute_dtype)
+        if isinstance(model, VQModel):
+            out = model(pixels)
+            return out.reconstruction.float(), out.indices
+        recon, _ = model(pixels, sample_posterior=False)
+        return recon.float(), None
+
+    # ------------------------------------------------------------------ hand-off to stage 2
+    @torch.no_grad()
+    def estimate_latent_scale(self) -> tuple[float, float]:
+        """(scale_factor, shift_factor) from training images (LDM §4.3.2: 1/std of the latents).
+
+        KL: sampled latents, scale only (shift 0), as SD's 0.18215. VQ: the pre-quantisation latents.
+        """
+        n = self.cfg.ae_loss.estimate_scale_samples
+        dataset = PixelShardDataset(self.cfg.data.train_shards, self.cfg.data.resolution)
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        order = torch.randperm(len(dataset), generator=g)[:n].tolist()
+        model = self.autoencoder
+        latents = []
+        for lo in range(0, len(order), self.cfg.data.micro_batch_size):
+            pixels = torch.stack([dataset[i] for i in order[lo:lo + self.cfg.data.micro_batch_size]])
+            moments = model.encode_moments(pixels.to(self.device, self.g_engine.compute_dtype))
+            latents.append(model.latent_from_moments(moments, torch.Generator(self.device).manual_seed(lo)).float())
+        flat = torch.cat(latents)
+        if isinstance(model, VQModel):
+            return estimate_scale_and_shift(flat)
+        return estimate_scale_factor(flat), 0.0
+
+    def export(self, run_dir: str | Path) -> Path:
+        """Write RUN_DIR/autoencoder/ (our format: safetensors + config.json with the latent scale).
+
+        Collective under ZeRO-3 (weights are gathered); only rank 0 writes.
+        """
+        scale, shift = self.estimate_latent_scale()
+        out = Path(run_dir) / EXPORT_DIR
+        with self.g_engine.gathered_parameters():
+            if self.rank == 0:
+                state = {k: v.detach().float().cpu().contiguous() for k, v in self.autoencoder.state_dict().items()}
+                save_autoencoder_export(state, dict(self.autoencoder.config), out, scale, shift,
+                                        step=self.step)
+        return out
+
+
+def save_autoencoder_export(state: dict[str, torch.Tensor], config: dict[str, Any], out: str | Path,
+                            scale_factor: float, shift_factor: float, **extra: Any) -> Path:
+    """Our autoencoder format: autoencoder.safetensors + config.json (architecture + latent scaling)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(config, scale_factor=float(scale_factor), shift_factor=float(shift_factor))
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "ldmscale-autoencoder"})
+    tmp.replace(out / WEIGHTS_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps(dict(config, **extra), indent=2))
+    return out
+
+
+def load_autoencoder_from_run(run_dir: str | Path, map_location: str = "cpu") -> AutoencoderKL | VQModel:
+    """A stage-1 run directory (or its autoencoder/ export folder) → the trained autoencoder, scale set."""
+    from safetensors.torch import load_file
+
+    root = Path(run_dir)
+    folder = root if (root / WEIGHTS_FILE).is_file() else root / EXPORT_DIR
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{root} is not a stage-1 run: {folder / WEIGHTS_FILE} is missing (it is written when the "
+            "autoencoder run finishes; `python -m ldmscale.train stage=autoencoder ...` with the same run_dir "
+            "resumes and writes it)")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    kind = config.pop("kind")
+    for key in ("step", "double_z") if kind == "vq" else ("step",):
+        config.pop(key, None)
+    model: AutoencoderKL | VQModel = (AutoencoderKL if kind == "kl" else VQModel)(**config)
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=map_location))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- the stage-1 run
+def train_autoencoder(cfg: Config) -> dict[str, Any]:
+    """Train (or resume) stage 1 in this process; returns the final evaluation metrics."""
+    from ldmscale.checkpoint import SAVE_REQUEST, Checkpointer, rng_state, set_rng_state
+    from ldmscale.config import save_resolved
+    from ldmscale.distributed import env
+
+    dist = env.setup(cfg.deepspeed.backend)
+    run_dir = Path(cfg.run_dir)
+    if dist.is_main:
+        save_resolved(cfg, run_dir)
+    task = AutoencoderTask(cfg, rank=dist.rank, world_size=dist.world_size)
+    checkpointer = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir)
+    SAVE_REQUEST.install()
+    tag = checkpointer.resume_tag()
+    if tag is not None:
+        client = checkpointer.load(tag, task.engines)
+        task.load_state_dict(client["task"])
+        set_rng_state(client["rng"])
+        env.print0(f"[stage1] resumed from {checkpointer.dir / tag} at step {task.step}")
+    sink = _MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    trainer = cfg.trainer
+    eval_every = cfg.ae_loss.eval_every_steps
+    batches = task.batches()
+    start = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=trainer.max_steps, initial=task.step, desc="stage 1", disable=not (dist.is_main and
+               cfg.logger.progress_bar))
+    while task.step < trainer.max_steps:
+        logs = task.train_step(next(batches))
+        step = task.step
+        bar.update(1)
+        if step % trainer.log_every_steps == 0:
+            record = {k: float(v) for k, v in logs.items()}
+            record.update(step=step, elapsed_s=time.perf_counter() - start)
+            sink.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3g}", psnr=f"{record['psnr']:.1f}")
+        if eval_every and step % eval_every == 0:
+            result = task.evaluate(run_dir / "samples")
+            sink.log(dict(result["metrics"], step=step))
+        save, stop = SAVE_REQUEST.agreed()
+        if checkpointer.should_save(step) or save:
+            checkpointer.save(step, task.engines, {"task": task.state_dict(), "rng": rng_state()},
+                              {"stage": "autoencoder", "name": cfg.name})
+            SAVE_REQUEST.clear()
+        if stop:
+            break
+    bar.close()
+    if checkpointer.last_saved_step != task.step:
+        checkpointer.save(task.step, task.engines, {"task": task.state_dict(), "rng": rng_state()},
+                          {"stage": "autoencoder", "name": cfg.name})
+    result = task.evaluate(run_dir / "samples", tag="final")
+    sink.log(dict(result["metrics"], step=task.step))
+    if task.step >= trainer.max_steps:
+        task.export(run_dir)
+    env.print0(f"[stage1] step {task.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()))
+    for engine in task.engines.values():
+        engine.destroy()
+    return result["metrics"]
+
+
+class _MetricsLog:
+    """metrics.jsonl on the main rank (replaced by the shared sink of ldmscale.metrics)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
