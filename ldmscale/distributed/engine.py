@@ -1,0 +1,328 @@
+"""DeepSpeed behind one small interface: config, optimiser, lr schedule, step, save/load, memory estimates.
+
+This is the ONLY module that imports deepspeed; everything else talks to `Engine`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from ldmscale.config import DeepSpeedConfig, OptimConfig
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set before the import)
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: E402
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: E402
+
+
+class BatchArithmeticError(ValueError):
+    """global batch != micro batch × accumulation × world size."""
+
+
+def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """global = micro × accumulation × world (EDM2's rule); fail at start with the arithmetic shown."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step or global_batch_size < per_step:
+        raise BatchArithmeticError(
+            f"data.global_batch_size={global_batch_size} is not a multiple of data.micro_batch_size="
+            f"{micro_batch_size} × world_size={world_size} = {per_step}; "
+            f"pick a global batch in {{{per_step}, {2 * per_step}, {3 * per_step}, ...}}"
+        )
+    return global_batch_size // per_step
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` wins key by key, recursing into nested dicts (so `zero_optimization.x` can be added)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _offload(device: str, nvme_path: str, *, pin: bool) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"device": device, "pin_memory": pin}
+    if device == "nvme":
+        cfg["nvme_path"] = nvme_path
+    return cfg
+
+
+def build_ds_config(
+    ds: DeepSpeedConfig,
+    optim: OptimConfig,
+    *,
+    micro_batch_size: int,
+    global_batch_size: int,
+    world_size: int,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run; `ds.extra` is deep-merged last (raw keys pass through)."""
+    accumulation = gradient_accumulation_steps(global_batch_size, micro_batch_size, world_size)
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=True,
+                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+    pin = torch.cuda.is_available()
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path, pin=pin)
+    if ds.offload_param != "none":
+        if ds.zero_stage != 3:
+            raise ValueError(f"deepspeed.offload_param={ds.offload_param!r} needs deepspeed.zero_stage=3")
+        zero["offload_param"] = _offload(ds.offload_param, ds.nvme_path, pin=pin)
+    config: dict[str, Any] = {
+        "train_batch_size": global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,  # our own metrics do the logging
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer != "none":
+        # Offloaded optimiser states need DeepSpeed's CPU Adam; it is built from this entry.
+        config["optimizer"] = {"type": "AdamW", "params": _adam_kwargs(optim)}
+    return deep_merge(config, ds.extra)
+
+
+def _adam_kwargs(optim: OptimConfig) -> dict[str, Any]:
+    return {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int):
+    """Multiplier of `optim.lr` at a step: linear warmup, then constant or cosine down to min_lr_ratio."""
+    warmup = max(0, optim.warmup_steps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if optim.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices and convolutions, not biases, norms or embeddings' 1-d parameters."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, optim.weight_decay)
+    kwargs = _adam_kwargs(optim)
+    kwargs.pop("weight_decay")
+    if optim.fused and torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+class Engine:
+    """A DeepSpeed engine with the few calls the trainer needs; `module` is the wrapped model."""
+
+    def __init__(self, ds_engine: Any, ds_config: dict[str, Any], lr_scheduler: Any):
+        self._ds = ds_engine
+        self.config = ds_config
+        self.lr_scheduler = lr_scheduler
+        self.zero_stage: int = ds_config["zero_optimization"]["stage"]
+        self.gradient_accumulation_steps: int = ds_config["gradient_accumulation_steps"]
+        self._last_grad_norm = torch.zeros(())
+
+    # ---- compute
+    @property
+    def module(self) -> nn.Module:
+        return self._ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self._ds.device
+
+    @property
+    def optimizer(self) -> Any:
+        return self._ds.optimizer
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.config["bf16"]["enabled"]:
+            return torch.bfloat16
+        return torch.float16 if self.config["fp16"]["enabled"] else torch.float32
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ds(*args, **kwargs)
+
+    forward = __call__
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """True when `loss` is finite on every rank (one tiny all-reduce and one host sync)."""
+        flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._ds.backward(loss)
+
+    def step(self) -> None:
+        """DeepSpeed's step: a no-op between accumulation boundaries, the optimiser update at one."""
+        self._ds.step()
+
+    def skip_micro_step(self) -> None:
+        """Account for a micro-batch whose backward was skipped, so accumulation boundaries stay aligned."""
+        if not self._ds.is_gradient_accumulation_boundary():
+            self._ds.micro_steps += 1
+        elif self.gradient_accumulation_steps > 1:
+            # The finite micro-batches of this step still update (scaled by 1/accumulation).
+            self._ds.step()
+
+    def is_boundary(self) -> bool:
+        return bool(self._ds.is_gradient_accumulation_boundary())
+
+    def grad_norm(self) -> float:
+        norm = self._ds.get_global_grad_norm()
+        if norm is None:
+            return float("nan")
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def lr(self) -> float:
+        return float(self.lr_scheduler.get_last_lr()[0]) if self.lr_scheduler is not None else float("nan")
+
+    @property
+    def global_steps(self) -> int:
+        return int(self._ds.global_steps)
+
+    # ---- checkpoints
+    def save(self, save_dir: str, tag: str, client_state: dict[str, Any] | None = None) -> None:
+        """Every rank writes its shard; no 'latest' file (ldmscale.checkpoint writes it atomically)."""
+        self._ds.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
+
+    def load(self, load_dir: str, tag: str, *, load_optimizer_states: bool = True) -> dict[str, Any]:
+        path, client_state = self._ds.load_checkpoint(
+            load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_optimizer_states,
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {load_dir}")
+        return client_state or {}
+
+    def destroy(self) -> None:
+        """Free DeepSpeed's hooks and buffers; part of the clean exit (see ENVIRONMENT.md)."""
+        destroy = getattr(self._ds, "destroy", None)
+        if destroy is not None:
+            destroy()
+
+    # ---- ZeRO-3 partition access, for EMA and export
+    def partitioned_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(self.module.named_parameters())
+
+    @contextlib.contextmanager
+    def gathered_parameters(self, params: list[nn.Parameter] | None = None, modifier_rank: int | None = None):
+        """Full parameters inside the block (ZeRO-3 all-gathers them; other stages are full already)."""
+        if self.zero_stage == 3:
+            params = list(self.module.parameters()) if params is None else params
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+                yield
+        else:
+            yield
+
+
+def initialize(
+    model: nn.Module,
+    ds: DeepSpeedConfig,
+    optim: OptimConfig,
+    *,
+    micro_batch_size: int,
+    global_batch_size: int,
+    world_size: int,
+    max_steps: int,
+) -> Engine:
+    """Wrap `model` (already built, on CPU or the local device) in DeepSpeed with AdamW and the lr schedule."""
+    ds_config = build_ds_config(ds, optim, micro_batch_size=micro_batch_size,
+                                global_batch_size=global_batch_size, world_size=world_size)
+    optimizer = None if "optimizer" in ds_config else build_optimizer(model, optim)
+    factor = lr_lambda(optim, max_steps)
+    holder: dict[str, Any] = {}
+
+    def make_scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        holder["sched"] = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return holder["sched"]
+
+    model_parameters = param_groups(model, optim.weight_decay) if optimizer is None else None
+    ds_engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=model_parameters,
+        lr_scheduler=make_scheduler, config=ds_config,
+    )
+    return Engine(ds_engine, ds_config, scheduler or holder.get("sched"))
+
+
+def zero3_init_context(ds_config: dict[str, Any] | None, enabled: bool):
+    """Build a model directly partitioned (deepspeed.zero.Init) when ZeRO-3 is asked for."""
+    if not enabled or ds_config is None or ds_config["zero_optimization"]["stage"] != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+# ---------------------------------------------------------------------------- memory estimates
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """DeepSpeed's estimate of model-state memory (params, grads, optimiser) per GPU and per node."""
+
+    zero_stage: int
+    num_gpus: int
+    gpu_bytes: int
+    cpu_bytes_per_node: int
+    offload: bool
+
+
+def estimate_model_state_memory(
+    total_params: int,
+    largest_layer_params: int,
+    *,
+    zero_stage: int,
+    num_gpus: int,
+    gpus_per_node: int = 8,
+    offload_optimizer: bool = False,
+    offload_param: bool = False,
+) -> MemoryEstimate:
+    """DeepSpeed's own formulas (estimate_zero{2,3}_model_states_mem_needs) at a given scale.
+
+    Stage 0/1 are derived the same way: 0 = everything replicated (16 bytes/param mixed precision),
+    1 = only the 12 bytes of fp32 master + Adam moments partitioned.
+    """
+    gpus_per_node = min(gpus_per_node, num_gpus)
+    nodes = max(1, num_gpus // gpus_per_node)
+    if zero_stage == 3:
+        cpu, gpu = estimate_zero3_model_states_mem_needs(
+            total_params, largest_layer_params, gpus_per_node, nodes,
+            cpu_offload=offload_optimizer, cpu_offload_params=offload_param, zero_init=True,
+        )
+    elif zero_stage == 2:
+        cpu, gpu = estimate_zero2_model_states_mem_needs(total_params, gpus_per_node, nodes,
+                                                         cpu_offload=offload_optimizer)
+    elif zero_stage == 1:
+        cpu, gpu = 0, 4 * total_params + int(12 * total_params / num_gpus)
+    else:
+        cpu, gpu = 0, 16 * total_params
+    return MemoryEstimate(zero_stage, num_gpus, int(gpu), int(cpu), offload_optimizer or offload_param)
