@@ -27,8 +27,18 @@ from ldmscale import evaluation
 from ldmscale.config import Config
 from ldmscale.data.pixels import PixelShardDataset, build_pixel_loader
 from ldmscale.models import build_autoencoder
-from ldmscale.models.autoencoder import AutoencoderKL, VQModel, estimate_scale_and_shift, estimate_scale_factor
-from ldmscale.models.losses import AutoencoderLoss, build_discriminator
+from ldmscale.models.autoencoder import (
+    AutoencoderKL,
+    VQModel,
+    estimate_scale_and_shift,
+    estimate_scale_factor,
+)
+from ldmscale.models.losses import (
+    AutoencoderLoss,
+    adaptive_weight_from_grads,
+    build_discriminator,
+    conv_weight_grad,
+)
 
 EXPORT_DIR = "autoencoder"  # RUN_DIR/autoencoder: weights + config + latent scale (what stage 2 loads)
 WEIGHTS_FILE = "autoencoder.safetensors"
@@ -91,6 +101,12 @@ class AutoencoderTask:
             self.loss_fn.perceptual.to(self.device)
         self.loader = build_pixel_loader(cfg.data, seed=cfg.seed, rank=self.rank, world_size=self.world_size)
         self.micro_steps = 0
+        # The decoder's last-layer input, for the adaptive weight (see train_step).
+        self._conv_out_input = torch.empty(0)
+        self.autoencoder.decoder.conv_out.register_forward_hook(self._capture_conv_out_input)
+
+    def _capture_conv_out_input(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+        self._conv_out_input = inputs[0].detach()
 
     # ------------------------------------------------------------------ trainer protocol
     @property
@@ -115,21 +131,52 @@ class AutoencoderTask:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One micro-batch: generator backward/step, then (once on) the discriminator's. Detached logs."""
+        """One micro-batch: generator backward/step, then (once on) the discriminator's. Detached logs.
+
+        The generator loss is evaluated on a detached copy of the reconstruction: its gradient there
+        (and the adaptive weight, from the decoder's last-layer input) is taken with plain autograd,
+        then pushed through the engine's graph by one `engine.backward` of the surrogate
+        <recon, ∂loss/∂recon> + reg, which has the same parameter gradients as the loss itself.
+        DeepSpeed allows no other autograd pass through an engine's outputs; the discriminator is
+        called as a bare module here (frozen), so its engine sees only its own step.
+        """
         pixels = batch["pixels"].to(self.device, self.g_engine.compute_dtype)
         step = self.step
         disc_on = step >= self.cfg.ae_loss.disc_start and self.cfg.ae_loss.disc_factor > 0
         discriminator = self.d_engine.module
 
         recon, reg, indices = self.g_engine(pixels, self._posterior_generator())
+        recon_leaf = recon.detach().float().requires_grad_(True)
         logits_fake = None
         if disc_on:
             discriminator.requires_grad_(False)
-            logits_fake = self.d_engine(recon)
-        last_layer = self.autoencoder.get_last_layer()
-        g_out = self.loss_fn.generator_loss(pixels.float(), recon.float(), reg.float(), None
-                                            if logits_fake is None else logits_fake.float(), step, last_layer)
-        self.g_engine.backward(g_out.loss)
+            logits_fake = discriminator(recon_leaf.to(recon.dtype)).float()
+        cache: dict[str, torch.Tensor] = {}
+
+        def adaptive_weight(nll: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            cache["nll"] = torch.autograd.grad(nll, recon_leaf, retain_graph=True)[0]
+            cache["g"] = torch.autograd.grad(g, recon_leaf, retain_graph=True)[0]
+            conv, h = self.autoencoder.decoder.conv_out, self._conv_out_input.float()
+            return adaptive_weight_from_grads(conv_weight_grad(conv, h, cache["nll"]),
+                                              conv_weight_grad(conv, h, cache["g"]), self.cfg.ae_loss.disc_weight)
+
+        g_out = self.loss_fn.generator_loss(pixels.float(), recon_leaf, reg.float(), logits_fake, step,
+                                            adaptive_weight)
+        terms = g_out.terms
+        logvar = self.loss_fn.logvar
+        wrt = [recon_leaf] + ([logvar] if logvar.requires_grad else [])
+        if "nll" not in cache:
+            cache["nll"] = torch.autograd.grad(terms["nll"], recon_leaf, retain_graph=True)[0]
+        grad_recon = cache["nll"]
+        if "g" in terms:
+            if "g" not in cache:
+                cache["g"] = torch.autograd.grad(terms["g"], recon_leaf, retain_graph=True)[0]
+            grad_recon = grad_recon + terms["adv_scale"] * cache["g"]
+        surrogate = (recon.float() * grad_recon.detach()).sum() + terms["reg"]
+        if len(wrt) > 1:  # the learned NLL log-variance has a direct gradient of its own
+            grad_logvar = torch.autograd.grad(terms["nll"], logvar, retain_graph=True)[0]
+            surrogate = surrogate + (logvar * grad_logvar.detach()).sum()
+        self.g_engine.backward(surrogate)
         self.g_engine.step()
         logs = dict(g_out.logs)
         if disc_on:
@@ -196,7 +243,7 @@ class AutoencoderTask:
             metrics.update({f"eval/{k}": v for k, v in stats.items()})
         grid_path = None
         if out_dir is not None and self.rank == 0 and grid_rows:
-            grid_path = evaluation.save_grid(grid_rows, Path(out_dir) / f"recon_{tag or self.step:0>8}.png")
+            grid_path = evaluation.save_grid(grid_rows, Path(out_dir) / f"recon_{tag or f'{self.step:08d}'}.png")
         return {"metrics": metrics, "grid_path": grid_path}
 
     def reconstruct(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -292,7 +339,7 @@ def train_autoencoder(cfg: Config) -> dict[str, Any]:
     if dist.is_main:
         save_resolved(cfg, run_dir)
     task = AutoencoderTask(cfg, rank=dist.rank, world_size=dist.world_size)
-    checkpointer = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir)
+    checkpointer = Checkpointer(cfg.checkpoint, getattr(cfg.checkpoint, "dir", None) or run_dir / "checkpoints")
     SAVE_REQUEST.install()
     tag = checkpointer.resume_tag()
     if tag is not None:

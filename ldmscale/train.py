@@ -10,6 +10,11 @@ from ldmscale.config import CONF_DIR, Config, register_configs, to_object
 
 def run(cfg: Config) -> None:
     """Run one job described by `cfg` in this process (under python, torchrun, deepspeed or srun)."""
+    if cfg.stage == "autoencoder":
+        from ldmscale.stage1 import train_autoencoder
+
+        train_autoencoder(cfg)
+        return
     from ldmscale.config import save_resolved
     from ldmscale.distributed import env
 

@@ -141,3 +141,20 @@ def test_vq_loss_and_l2():
     assert out.loss.item() == pytest.approx(0.25 + 2.0 * 0.1)
     with pytest.raises(ValueError, match="ae_loss.rec_loss"):
         losses.AutoencoderLoss(dataclasses.replace(cfg, rec_loss="l3"))
+
+
+def test_adaptive_weight_from_output_gradients_equals_autograd():
+    """The Task's path (gradients at the decoder output → conv weight gradient) gives the same λ."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 3, 3, padding=1)
+    h = torch.randn(2, 8, 8, 8)
+    out = conv(h)
+    target, probe = torch.randn_like(out), torch.randn_like(out)
+    nll, g = (out - target).abs().sum() / 2, -(out * probe).mean()
+    expect = losses.adaptive_disc_weight(nll, g, conv.weight, 0.5)
+    leaf = out.detach().requires_grad_(True)
+    grad_nll = torch.autograd.grad((leaf - target).abs().sum() / 2, leaf)[0]
+    grad_g = torch.autograd.grad(-(leaf * probe).mean(), leaf)[0]
+    got = losses.adaptive_weight_from_grads(losses.conv_weight_grad(conv, h, grad_nll),
+                                            losses.conv_weight_grad(conv, h, grad_g), 0.5)
+    assert got.item() == pytest.approx(expect.item(), rel=1e-5)

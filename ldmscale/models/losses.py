@@ -12,6 +12,8 @@ discriminator a pure function of its parameters, so resume stays bit-exact. `nor
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -176,17 +178,34 @@ def adopt_weight(weight: float, step: int, start_step: int) -> float:
     return weight if step >= start_step else 0.0
 
 
-def adaptive_disc_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                         disc_weight: float = 1.0, max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_weight_from_grads(nll_grads: torch.Tensor, g_grads: torch.Tensor, disc_weight: float = 1.0,
+                               max_weight: float = 1e4) -> torch.Tensor:
     """LDM's λ = ‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped to [0, max_weight], detached, times disc_weight.
 
-    L is the decoder's last layer; balancing at L keeps the adversarial gradient on the scale of the
-    reconstruction gradient (Esser et al. 2021, eq. 7). Both losses' graphs are retained.
+    L is the decoder's last layer; balancing there keeps the adversarial gradient on the scale of the
+    reconstruction gradient (Esser et al. 2021, eq. 7).
     """
-    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
     return torch.clamp(weight, 0.0, max_weight).detach() * disc_weight
+
+
+def adaptive_disc_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                         disc_weight: float = 1.0, max_weight: float = 1e4) -> torch.Tensor:
+    """`adaptive_weight_from_grads` with the gradients taken by autograd (both graphs are retained)."""
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return adaptive_weight_from_grads(nll_grads, g_grads, disc_weight, max_weight)
+
+
+def conv_weight_grad(conv: nn.Conv2d, inputs: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """∂loss/∂conv.weight from the layer's input and ∂loss/∂output (what autograd would compute).
+
+    Lets the adaptive weight be taken from gradients at the decoder's output alone, without an
+    autograd pass through a DeepSpeed engine's graph (which only `engine.backward` may run).
+    """
+    shape = tuple(getattr(conv.weight, "ds_shape", conv.weight.shape))  # ZeRO-3 partitions the tensor
+    return torch.nn.grad.conv2d_weight(inputs, shape, grad_output, stride=conv.stride, padding=conv.padding,
+                                       dilation=conv.dilation, groups=conv.groups)
 
 
 # ----------------------------------------------------------------------------------- the full loss
@@ -196,6 +215,7 @@ class LossOutput:
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor]
+    terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # undetached parts of `loss`
 
 
 class AutoencoderLoss(nn.Module):
@@ -209,7 +229,9 @@ class AutoencoderLoss(nn.Module):
             raise ValueError(f"ae_loss.rec_loss={cfg.rec_loss!r} must be 'l1' or 'l2'")
         if cfg.disc_loss not in D_LOSSES:
             raise ValueError(f"ae_loss.disc_loss={cfg.disc_loss!r} must be one of {list(D_LOSSES)}")
-        self.perceptual: Optional[LPIPS] = None
+        # Not a registered submodule: frozen, never checkpointed, kept out of the trained engine's state
+        # (the owner moves it to the device with `.perceptual.to(device)`).
+        perceptual: Optional[LPIPS] = None
         if cfg.perceptual_weight > 0:
             if not cfg.lpips_vgg_weights or not cfg.lpips_lin_weights:
                 missing = "ae_loss.lpips_vgg_weights" if not cfg.lpips_vgg_weights else "ae_loss.lpips_lin_weights"
@@ -217,9 +239,11 @@ class AutoencoderLoss(nn.Module):
                     f"{missing} is not set: LPIPS needs a local torchvision vgg16 state dict and the lpips "
                     "linear-head file (nothing is downloaded). Set both, or ae_loss.perceptual_weight=0."
                 )
-            self.perceptual = LPIPS(cfg.lpips_vgg_weights, cfg.lpips_lin_weights)
+            perceptual = LPIPS(cfg.lpips_vgg_weights, cfg.lpips_lin_weights)
+        object.__setattr__(self, "perceptual", perceptual)
         # The KL log-variance weighting of LDM's NLL (a learned scalar; 0 = plain L1/L2 at init).
-        self.logvar = nn.Parameter(torch.full((), float(cfg.logvar_init)), requires_grad=cfg.learn_logvar)
+        # Shape [1], not []: DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot take.
+        self.logvar = nn.Parameter(torch.full((1,), float(cfg.logvar_init)), requires_grad=cfg.learn_logvar)
 
     def reconstruction(self, pixels: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Per-pixel reconstruction + perceptual loss [B, C, H, W]."""
@@ -233,11 +257,14 @@ class AutoencoderLoss(nn.Module):
 
     def generator_loss(self, pixels: torch.Tensor, recon: torch.Tensor, reg_loss: torch.Tensor,
                        logits_fake: Optional[torch.Tensor], step: int,
-                       last_layer: Optional[torch.Tensor]) -> LossOutput:
+                       last_layer: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+                       ) -> LossOutput:
         """Eq. of LDM's LPIPSWithDiscriminator (optimizer_idx=0).
 
         reg_loss: per-sample KL [B] (KL) or the scalar codebook+commitment loss (VQ).
         logits_fake: D(recon) with D frozen, or None while the discriminator is off.
+        last_layer: the decoder's last weight (λ by autograd), or a function (nll, g) -> λ.
+        loss = nll + reg + λ·disc_factor·g; `terms` holds nll, reg and (once on) g and adv_scale = λ·disc_factor.
         """
         cfg = self.cfg
         rec = self.reconstruction(pixels, recon)
@@ -256,18 +283,23 @@ class AutoencoderLoss(nn.Module):
             reg_weighted = cfg.codebook_weight * reg
         disc_factor = adopt_weight(cfg.disc_factor, step, cfg.disc_start)
         logs = {"rec_loss": rec.detach().mean(), "nll_loss": nll_loss.detach(), "reg_loss": reg.detach(),
-                "logvar": self.logvar.detach()}
+                "logvar": self.logvar.detach()[0]}
         loss = nll_loss + reg_weighted
+        terms = {"nll": nll_loss, "reg": reg_weighted}
         if logits_fake is not None and disc_factor > 0:
             g_loss = generator_adv_loss(logits_fake, cfg.disc_loss)
             if cfg.adaptive_weight and last_layer is not None and torch.is_grad_enabled():
-                d_weight = adaptive_disc_weight(nll_loss, g_loss, last_layer, cfg.disc_weight)
+                if callable(last_layer) and not isinstance(last_layer, torch.Tensor):
+                    d_weight = last_layer(nll_loss, g_loss)
+                else:
+                    d_weight = adaptive_disc_weight(nll_loss, g_loss, last_layer, cfg.disc_weight)
             else:
                 d_weight = torch.tensor(cfg.disc_weight, device=loss.device)
             loss = loss + d_weight * disc_factor * g_loss
+            terms.update(g=g_loss, adv_scale=(d_weight * disc_factor).detach())
             logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
         logs["loss"] = loss.detach()
-        return LossOutput(loss, logs)
+        return LossOutput(loss, logs, terms)
 
     def discriminator_loss(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, step: int) -> LossOutput:
         """LDM's optimizer_idx=1: the D loss on real pixels and detached reconstructions."""
