@@ -37,6 +37,7 @@ class UNetConfig:
     num_heads: int = -1
     num_head_channels: int = 16
     transformer_depth: list[int] = field(default_factory=lambda: [1])  # per level; one value broadcasts
+    transformer_depth_middle: Optional[int] = None  # None: the last level's depth
     context_dim: Optional[int] = 64
     use_linear_in_transformer: bool = True
     use_scale_shift_norm: bool = False
@@ -44,7 +45,9 @@ class UNetConfig:
     conv_resample: bool = True
     dropout: float = 0.0
     num_classes: Optional[int] = None
-    adm_in_channels: Optional[int] = None
+    adm_in_channels: Optional[int] = None  # vector conditioning (SDXL: pooled text + size embeddings)
+    norm_num_groups: int = 32
+    weights: Optional[str] = None  # start from a checkpoint (LDM file, diffusers folder or our export)
     attention_backend: str = "sdpa"  # sdpa | xformers | math
     gradient_checkpointing: bool = False
     channels_last: bool = False
@@ -100,7 +103,6 @@ class AutoencoderLossConfig:
     disc_num_layers: int = 3
     disc_norm: str = "group"  # group | batch | none (group: no per-rank buffers under ZeRO)
     disc_lr: Optional[float] = None  # None: optim.lr
-    eval_every_steps: int = 0  # PSNR/SSIM/grids on held-out shards; 0: at log steps only on train batch
     eval_shards: list[str] = field(default_factory=list)  # held-out raw shards for PSNR/SSIM
     num_eval_samples: int = 64
     num_grid_samples: int = 8
@@ -123,8 +125,9 @@ class ConditionerConfig:
     num_classes: int = 0
     max_boxes: int = 4
     layout_dim: int = 64
-    # sr
+    # sr / inpaint
     sr_factor: int = 4
+    concat_channels: int = 0  # 0: sr → 3 (the low-res image), inpaint → latent channels + 1 (mask)
 
 
 # ---------------------------------------------------------------------------- diffusion
@@ -157,26 +160,36 @@ class DiffusionConfig:
     guidance_rescale: float = 0.0
     timestep_spacing: str = "leading"  # leading | trailing | linspace
     eta: float = 0.0
+    karras_sigmas: bool = False  # Karras et al. (2022) sigma spacing for dpmpp_2m / euler
 
 
 # ---------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
-    """Where batches come from and how big they are."""
+    """Where batches come from and how big they are (see ldmscale/data/)."""
 
     kind: str = "cached"  # cached | online
-    train_shards: list[str] = field(default_factory=list)  # cached (or raw, for online) shard URLs
+    # cached: shard URLs or a cache folder (its manifest.json lists the shards); online: raw shard URLs.
+    # Brace patterns, local folders and `pipe:` commands are expanded (ldmscale.data.shards.expand_urls).
+    train_shards: list[str] = field(default_factory=list)
+    shard_weights: list[float] = field(default_factory=list)  # one per train_shards entry; empty: natural sizes
     resolution: int = 32
-    buckets: list[list[int]] = field(default_factory=list)  # [[h, w], ...]; empty: square only
+    buckets: list[list[int]] = field(default_factory=list)  # [[h, w], ...]; empty: see aspect_buckets
+    aspect_buckets: bool = False  # generate equal-area buckets around `resolution` (else square only)
+    bucket_step: int = 64  # bucket sides are multiples of this
+    max_bucket_aspect: float = 2.0  # generated buckets span aspect ratios 1/x .. x
     micro_batch_size: int = 32
     global_batch_size: int = 32
     num_workers: int = 0
-    shuffle_buffer: int = 1000
-    min_size: int = 0
-    max_aspect_ratio: float = 0.0  # 0: no limit
+    prefetch_factor: int = 2
+    shuffle_buffer: int = 1000  # online path only: samples shuffled in a streaming buffer
+    samples_per_epoch: int = 0  # online path: samples per epoch over all ranks (0: one pass, 1 rank only)
+    min_size: int = 0  # smaller images are skipped as "too_small"
+    max_aspect_ratio: float = 0.0  # 0: no limit; wider/taller images are skipped as "extreme_aspect"
     filters: list[str] = field(default_factory=list)  # e.g. ["aesthetic >= 5", "pwatermark < 0.5"]
     random_crop: bool = False
     random_flip: bool = False
+    use_manifest_scale: bool = False  # take scale/shift from the cache manifest's latent statistics
 
 
 # ---------------------------------------------------------------------------- optim
@@ -206,6 +219,7 @@ class DeepSpeedConfig:
     offload_param: str = "none"
     nvme_path: str = "/local_nvme"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    zero3_init: bool = False  # build the model already partitioned (deepspeed.zero.Init) at stage 3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -219,6 +233,7 @@ class LoggerConfig:
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     progress_bar: bool = True
+    run_name: Optional[str] = None  # W&B run name; default: cfg.name
 
 
 # ---------------------------------------------------------------------------- launcher
@@ -255,7 +270,12 @@ class TrainerConfig:
     log_every_steps: int = 10
     sample_every_steps: int = 0  # 0: never during training
     max_nonfinite_steps: int = 10
-    peak_flops: float = 0.0  # per device; 0: detect from the GPU
+    peak_flops: float = 0.0  # per device; 0: detect from the GPU (CPU: MFU reported against 1 TFLOP/s)
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a red circle in the top left", "a blue square in the bottom right",
+        "a green triangle in the top right", "a yellow circle in the bottom left"])
+    sample_seed: int = 0
+    sample_steps: int = 20  # sampler steps for the periodic grids
 
 
 @dataclass
@@ -266,6 +286,8 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True
     load_weights_only: Optional[str] = None  # a consolidated checkpoint to start from
+    dir: str = "${run_dir}/checkpoints"
+    save_at_end: bool = True
 
 
 @dataclass
@@ -279,15 +301,18 @@ class EMAConfig:
 
 @dataclass
 class CacheConfig:
-    """The offline latent/text-embedding cache job (tools/cache_latents.py)."""
+    """The offline latent/text-embedding cache job (tools/cache_latents.py, ldmscale/data/cache.py)."""
 
-    input: list[str] = field(default_factory=list)
-    output: str = ""
-    num_workers: int = 1
-    batch_size: int = 32
-    latent_dtype: str = "bf16"
-    text_dtype: str = "fp16"
-    max_failure_rate: float = 0.05
+    # Raw shard URLs: brace patterns, folders, `pipe:` commands; several separated by whitespace or "::".
+    input: str = ""
+    output: str = ""  # folder of cached shards + manifest.json
+    num_workers: int = 1  # local mode: worker processes (one per GPU when device is cuda)
+    batch_size: int = 32  # encoder batch (samples of one bucket)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    latent_dtype: str = "bf16"  # bf16 | fp16 | fp32: how KL moments / VQ latents are stored
+    text_dtype: str = "fp16"  # fp16 | bf16 | fp32
+    max_failure_rate: float = 0.05  # skipped/read above this → the job exits non-zero
+    progress: bool = True
 
 
 @dataclass
@@ -328,6 +353,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.timestep_sampling": ("uniform", "logit_normal"),
     "diffusion.weighting": ("uniform", "min_snr"),
     "diffusion.timestep_spacing": ("leading", "trailing", "linspace"),
+    "diffusion.sampler": ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a"),
     "diffusion.schedule.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "data.kind": ("cached", "online"),
     "optim.lr_schedule": ("constant", "cosine"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -99,8 +98,8 @@ class AutoencoderTask:
         self.device = self.g_engine.device
         if self.loss_fn.perceptual is not None:
             self.loss_fn.perceptual.to(self.device)
-        self.loader = build_pixel_loader(cfg.data, seed=cfg.seed, rank=self.rank, world_size=self.world_size)
         self.micro_steps = 0
+        self.logger: Any = None  # the run's metrics sink, for evaluation results (set by the runner)
         # The decoder's last-layer input, for the adaptive weight (see train_step).
         self._conv_out_input = torch.empty(0)
         self.autoencoder.decoder.conv_out.register_forward_hook(self._capture_conv_out_input)
@@ -109,7 +108,6 @@ class AutoencoderTask:
         self._conv_out_input = inputs[0].detach()
 
     # ------------------------------------------------------------------ trainer protocol
-    @property
     def engines(self) -> dict[str, Any]:
         return {"generator": self.g_engine, "discriminator": self.d_engine}
 
@@ -122,16 +120,35 @@ class AutoencoderTask:
         """Optimizer steps taken (the discriminator switches on at ae_loss.disc_start of these)."""
         return self.g_engine.global_steps
 
-    def batches(self):
-        return iter(self.loader)
-
     def _posterior_generator(self) -> torch.Generator:
         # KL sampling noise is a function of (seed, micro step, rank): exact resume without RNG state.
         seed = (self.cfg.seed * 1_000_003 + self.micro_steps) * 4099 + self.rank
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One micro-batch: generator backward/step, then (once on) the discriminator's. Detached logs.
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step of both players over the micro-batches; logs are means over them.
+
+        A non-finite generator loss on any rank skips the rest of the step for both engines.
+        """
+        sums: dict[str, torch.Tensor] = {}
+        skipped = False
+        for batch in micro_batches:
+            logs = None if skipped else self.micro_step(batch, step)
+            if logs is None:
+                skipped = True
+                self.g_engine.skip_micro_step()
+                if step >= self.cfg.ae_loss.disc_start:
+                    self.d_engine.skip_micro_step()
+                continue
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0) + value.detach().float().cpu()
+        out = {k: v / len(micro_batches) for k, v in sums.items()}
+        out.setdefault("loss", torch.tensor(float("nan")))
+        out["skipped"] = torch.tensor(float(skipped))
+        return out
+
+    def micro_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor] | None:
+        """One micro-batch: generator backward/step, then (once on) the discriminator's; None if non-finite.
 
         The generator loss is evaluated on a detached copy of the reconstruction: its gradient there
         (and the adaptive weight, from the decoder's last-layer input) is taken with plain autograd,
@@ -141,7 +158,6 @@ class AutoencoderTask:
         called as a bare module here (frozen), so its engine sees only its own step.
         """
         pixels = batch["pixels"].to(self.device, self.g_engine.compute_dtype)
-        step = self.step
         disc_on = step >= self.cfg.ae_loss.disc_start and self.cfg.ae_loss.disc_factor > 0
         discriminator = self.d_engine.module
 
@@ -176,6 +192,11 @@ class AutoencoderTask:
         if len(wrt) > 1:  # the learned NLL log-variance has a direct gradient of its own
             grad_logvar = torch.autograd.grad(terms["nll"], logvar, retain_graph=True)[0]
             surrogate = surrogate + (logvar * grad_logvar.detach()).sum()
+        self.micro_steps += 1
+        if not self.g_engine.all_finite(g_out.loss):
+            if disc_on:
+                discriminator.requires_grad_(True)
+            return None
         self.g_engine.backward(surrogate)
         self.g_engine.step()
         logs = dict(g_out.logs)
@@ -192,16 +213,25 @@ class AutoencoderTask:
             if indices is not None:
                 n_embed = self.autoencoder.quantize.n_embed
                 logs.update({k: torch.tensor(v) for k, v in evaluation.codebook_stats(indices, n_embed).items()})
-        self.micro_steps += 1
         return logs
 
     def state_dict(self) -> dict[str, Any]:
-        """What the checkpoint's client state needs beyond the engines (per rank)."""
-        return {"loader": self.loader.state_dict(), "micro_steps": self.micro_steps}
+        """What the checkpoint's client state needs beyond the engines and the loader (per rank)."""
+        return {"micro_steps": self.micro_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state["loader"])
         self.micro_steps = int(state["micro_steps"])
+
+    def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
+        """The trainer's periodic event: held-out PSNR/SSIM (logged) and a reconstruction grid."""
+        result = self.evaluate(out_dir, tag=f"{step:08d}")
+        metrics = result["metrics"]
+        if self.logger is not None:
+            self.logger.log(step, metrics)
+        if result["grid_path"] is None:
+            return []
+        caption = f"top: input, bottom: reconstruction (PSNR {metrics['eval/psnr']:.2f} dB)"
+        return [(result["grid_path"], caption)]
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -328,74 +358,42 @@ def load_autoencoder_from_run(run_dir: str | Path, map_location: str = "cpu") ->
 
 
 # ---------------------------------------------------------------------------- the stage-1 run
-def train_autoencoder(cfg: Config) -> dict[str, Any]:
-    """Train (or resume) stage 1 in this process; returns the final evaluation metrics."""
-    from ldmscale.checkpoint import SAVE_REQUEST, Checkpointer, rng_state, set_rng_state
-    from ldmscale.config import save_resolved
-    from ldmscale.distributed import env
+def train_autoencoder(cfg: Config, dist: Any) -> dict[str, Any]:
+    """Train (or resume) stage 1 with the shared Trainer; at the end evaluate and export for stage 2.
 
-    dist = env.setup(cfg.deepspeed.backend)
-    run_dir = Path(cfg.run_dir)
-    if dist.is_main:
-        save_resolved(cfg, run_dir)
+    Called by `ldmscale.train.run` (stage=autoencoder) after the process group is up.
+    """
+    from ldmscale import checkpoint as ckpt
+    from ldmscale.config import to_dict
+    from ldmscale.metrics import build_logger
+    from ldmscale.trainer import Trainer
+
     task = AutoencoderTask(cfg, rank=dist.rank, world_size=dist.world_size)
-    checkpointer = Checkpointer(cfg.checkpoint, getattr(cfg.checkpoint, "dir", None) or run_dir / "checkpoints")
-    SAVE_REQUEST.install()
-    tag = checkpointer.resume_tag()
-    if tag is not None:
-        client = checkpointer.load(tag, task.engines)
-        task.load_state_dict(client["task"])
-        set_rng_state(client["rng"])
-        env.print0(f"[stage1] resumed from {checkpointer.dir / tag} at step {task.step}")
-    sink = _MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
-    trainer = cfg.trainer
-    eval_every = cfg.ae_loss.eval_every_steps
-    batches = task.batches()
-    start = time.perf_counter()
-    from tqdm import tqdm
-
-    bar = tqdm(total=trainer.max_steps, initial=task.step, desc="stage 1", disable=not (dist.is_main and
-               cfg.logger.progress_bar))
-    while task.step < trainer.max_steps:
-        logs = task.train_step(next(batches))
-        step = task.step
-        bar.update(1)
-        if step % trainer.log_every_steps == 0:
-            record = {k: float(v) for k, v in logs.items()}
-            record.update(step=step, elapsed_s=time.perf_counter() - start)
-            sink.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3g}", psnr=f"{record['psnr']:.1f}")
-        if eval_every and step % eval_every == 0:
-            result = task.evaluate(run_dir / "samples")
-            sink.log(dict(result["metrics"], step=step))
-        save, stop = SAVE_REQUEST.agreed()
-        if checkpointer.should_save(step) or save:
-            checkpointer.save(step, task.engines, {"task": task.state_dict(), "rng": rng_state()},
-                              {"stage": "autoencoder", "name": cfg.name})
-            SAVE_REQUEST.clear()
-        if stop:
-            break
-    bar.close()
-    if checkpointer.last_saved_step != task.step:
-        checkpointer.save(task.step, task.engines, {"task": task.state_dict(), "rng": rng_state()},
-                          {"stage": "autoencoder", "name": cfg.name})
-    result = task.evaluate(run_dir / "samples", tag="final")
-    sink.log(dict(result["metrics"], step=task.step))
-    if task.step >= trainer.max_steps:
-        task.export(run_dir)
-    env.print0(f"[stage1] step {task.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()))
-    for engine in task.engines.values():
-        engine.destroy()
-    return result["metrics"]
-
-
-class _MetricsLog:
-    """metrics.jsonl on the main rank (replaced by the shared sink of ldmscale.metrics)."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def log(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+    loader = build_pixel_loader(cfg.data, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    logger = None
+    try:
+        trainer = Trainer(task, loader, cfg.trainer, checkpointer=ckpt.Checkpointer(cfg.checkpoint),
+                          accumulation_steps=task.g_engine.gradient_accumulation_steps,
+                          world_size=dist.world_size, run_dir=cfg.run_dir,
+                          meta={"config": to_dict(cfg), "stage": "autoencoder"})
+        trainer.resume()
+        logger = build_logger(cfg.logger, cfg.run_dir, is_main=dist.is_main, config=to_dict(cfg),
+                              total_steps=cfg.trainer.max_steps, initial_step=trainer.step, name=cfg.name)
+        trainer.logger = task.logger = logger
+        ckpt.SAVE_REQUEST.install()
+        trainer.fit()
+        metrics: dict[str, Any] = {}
+        if trainer.step >= cfg.trainer.max_steps:
+            result = task.evaluate(Path(cfg.run_dir) / "samples", tag="final")
+            metrics = result["metrics"]
+            logger.log(trainer.step, metrics)
+            if result["grid_path"] is not None:
+                logger.log_image(trainer.step, "reconstructions", result["grid_path"], "final")
+            out = task.export(cfg.run_dir)
+            logger.write(f"exported the autoencoder to {out}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        return metrics
+    finally:
+        if logger is not None:
+            logger.close()
+        for engine in task.engines().values():
+            engine.destroy()

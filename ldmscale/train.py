@@ -1,27 +1,230 @@
-"""Entry point: `python -m ldmscale.train [+experiment=NAME] [overrides]` (compose → validate → run)."""
+"""Entry point: `python -m ldmscale.train [+experiment=NAME] [overrides]` (compose → validate → run).
+
+run(cfg) = env.setup → seed → save resolved config → build → resume → fit → teardown. It runs the same
+under plain python, torchrun, the deepspeed launcher and srun (env.detect reads each launcher).
+"""
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+from typing import Any
+
 import hydra
+import numpy as np
+import torch
 from omegaconf import DictConfig
 
-from ldmscale.config import CONF_DIR, Config, register_configs, to_object
+from ldmscale.config import CONF_DIR, Config, register_configs, to_dict, to_object
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Model init is identical on every rank (seed); data/noise randomness is per rank elsewhere."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)
+
+
+def example_inputs(cfg: Config, batch: int = 1, device: str = "meta") -> tuple[Any, ...]:
+    """A denoiser call at the configured resolution (largest bucket), for FLOP counting."""
+    factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1)  # the autoencoder's spatial downsampling
+    h = w = cfg.data.resolution
+    if cfg.data.buckets:
+        h, w = max(cfg.data.buckets, key=lambda hw: hw[0] * hw[1])
+    latents = torch.zeros(batch, cfg.autoencoder.embed_dim, h // factor, w // factor, device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    cond: dict[str, torch.Tensor] = {}
+    if cfg.model.context_dim:
+        cond["context"] = torch.zeros(batch, cfg.conditioner.context_length, cfg.model.context_dim, device=device)
+        cond["context_mask"] = torch.ones(batch, cfg.conditioner.context_length, dtype=torch.bool, device=device)
+    if cfg.model.adm_in_channels:
+        pooled = cfg.model.adm_in_channels
+        cond["pooled"] = torch.zeros(batch, pooled, device=device)
+    if cfg.conditioner.kind == "class":
+        cond["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
+    return latents, t, cond
+
+
+def flops_per_image(denoiser: torch.nn.Module, cfg: Config) -> int:
+    from ldmscale.models import count_flops
+
+    try:
+        return count_flops(denoiser, *example_inputs(cfg))
+    except Exception as error:  # an exotic conditioning the example misses: MFU shows 0, training goes on
+        print(f"[ldmscale] FLOP count failed ({error}); MFU will read 0")
+        return 0
+
+
+def dry_run(cfg: Config, world_size: int) -> dict[str, Any]:
+    """Build on the meta device and print params, FLOPs/image, DeepSpeed memory and batch arithmetic."""
+    from ldmscale.distributed.engine import estimate_model_state_memory, gradient_accumulation_steps
+    from ldmscale.models import build_denoiser
+
+    with torch.device("meta"):
+        denoiser = build_denoiser(cfg.model, cfg.conditioner)
+    params = sum(p.numel() for p in denoiser.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in denoiser.modules())
+    flops = flops_per_image(denoiser, cfg)
+    accumulation = gradient_accumulation_steps(cfg.data.global_batch_size, cfg.data.micro_batch_size, world_size)
+    lines = [
+        f"experiment      {cfg.name}",
+        f"parameters      {params / 1e9:.3f} B ({params:,})",
+        f"FLOPs/image     {flops / 1e12:.3f} TFLOP forward, {3 * flops / 1e12:.3f} TFLOP train step",
+        f"batch           global {cfg.data.global_batch_size} = micro {cfg.data.micro_batch_size} × "
+        f"accumulation {accumulation} × world {world_size}",
+        "DeepSpeed model-state memory per GPU (params+grads+Adam; activations extra):",
+    ]
+    report: dict[str, Any] = {"params": params, "flops_per_image": flops, "accumulation": accumulation,
+                              "memory": {}}
+    offload_opt = cfg.deepspeed.offload_optimizer != "none"
+    offload_par = cfg.deepspeed.offload_param != "none"
+    scenarios = [(cfg.deepspeed.zero_stage, world_size)] + [(s, n) for s in (2, 3) for n in (8, 64)]
+    for stage, gpus in scenarios:
+        est = estimate_model_state_memory(params, largest, zero_stage=stage, num_gpus=gpus,
+                                          offload_optimizer=offload_opt, offload_param=offload_par)
+        report["memory"][(stage, gpus)] = est.gpu_bytes
+        lines.append(f"  ZeRO-{stage} on {gpus:>3} GPUs: {est.gpu_bytes / 2**30:8.2f} GiB/GPU"
+                     + (f" (+{est.cpu_bytes_per_node / 2**30:.0f} GiB CPU/node)" if est.offload else ""))
+    print("\n".join(lines), flush=True)
+    return report
+
+
+def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
+    """Engine(denoiser) + objective + EMA → DiffusionTask; also returns loader, accumulation, FLOPs/image."""
+    from ldmscale.data.loader import build_loader
+    from ldmscale.diffusion.objective import DiffusionObjective
+    from ldmscale.distributed import engine as eng
+    from ldmscale.ema import PartitionedEMA
+    from ldmscale.models import build_denoiser
+    from ldmscale.trainer import DiffusionTask
+
+    denoiser = build_denoiser(cfg.model, cfg.conditioner)
+    if cfg.checkpoint.load_weights_only:
+        from ldmscale.checkpoint import load_weights
+
+        load_weights(denoiser, cfg.checkpoint.load_weights_only)
+    flops = flops_per_image(denoiser, cfg)
+    if torch.cuda.is_available():
+        denoiser = denoiser.to(f"cuda:{dist.local_rank}")
+    engine = eng.initialize(denoiser, cfg.deepspeed, cfg.optim, micro_batch_size=cfg.data.micro_batch_size,
+                            global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size,
+                            max_steps=cfg.trainer.max_steps)
+    ema = PartitionedEMA(engine.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
+    num_classes = cfg.conditioner.num_classes if cfg.conditioner.kind == "class" else None
+    task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), ema, cond_kind=cfg.conditioner.kind,
+                         ucg_rate=cfg.conditioner.ucg_rate, num_classes=num_classes, seed=cfg.seed,
+                         rank=dist.rank, sampler=SampleGrid(cfg) if cfg.trainer.sample_every_steps else None)
+    loader = build_loader(cfg.data, cfg.conditioner, cfg.autoencoder, seed=cfg.seed, rank=dist.rank,
+                          world_size=dist.world_size)
+    return task, loader, engine.gradient_accumulation_steps, flops
+
+
+class SampleGrid:
+    """Fixed prompts and seeds → EMA denoiser → decoder → one PNG grid per call (main rank writes)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._model: torch.nn.Module | None = None
+        self._decoder: Any = None
+        self._text: Any = None
+
+    def __call__(self, ema: Any, step: int, out_dir: Path) -> list[tuple[Path, str]]:
+        from ldmscale.distributed import env
+
+        weights = ema.full_state_dict()  # collective: every rank takes part in the gather
+        if not env.is_main():
+            return []
+        from ldmscale.diffusion.samplers import guided_model_fn, sample
+        from ldmscale.models import build_autoencoder, build_denoiser, build_text_encoder, null_conditions
+        from ldmscale.models import unscale_latents
+
+        cfg = self.cfg
+        if self._model is None:
+            self._model = build_denoiser(cfg.model, cfg.conditioner).eval()
+            self._decoder = build_autoencoder(cfg.autoencoder).eval()
+            if cfg.autoencoder.weights:
+                from ldmscale.models import load_autoencoder
+
+                self._decoder = load_autoencoder(cfg.autoencoder.weights).eval()
+            self._text = build_text_encoder(cfg.conditioner) if cfg.conditioner.kind == "text" else None
+        self._model.load_state_dict(weights, strict=False)
+        prompts = list(cfg.trainer.sample_prompts)
+        cond: dict[str, torch.Tensor] = {}
+        if self._text is not None:
+            enc = self._text.encode(prompts)
+            mask = torch.arange(enc.tokens.shape[1])[None] < enc.lengths[:, None]
+            cond = {"context": enc.tokens, "context_mask": mask, "pooled": enc.pooled}
+        elif cfg.conditioner.kind == "class":
+            cond = {"class_labels": torch.arange(len(prompts)) % max(1, cfg.conditioner.num_classes)}
+        factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1)
+        side = cfg.data.resolution // factor
+        gens = [torch.Generator().manual_seed(cfg.trainer.sample_seed + i) for i in range(len(prompts))]
+        x_T = torch.stack([torch.randn(cfg.autoencoder.embed_dim, side, side, generator=g) for g in gens])
+        scale = cfg.diffusion.guidance_scale if cfg.conditioner.ucg_rate > 0 and cond else 1.0
+        uncond = null_conditions(cond, cfg.conditioner.kind) if cond else None
+        with torch.no_grad():
+            model_fn = guided_model_fn(self._model, cond, uncond, scale)
+            latents = sample(model_fn, x_T, sampler=cfg.diffusion.sampler, num_steps=cfg.trainer.sample_steps,
+                             schedule=cfg.diffusion.schedule, prediction_type=cfg.diffusion.prediction_type,
+                             eta=cfg.diffusion.eta, timestep_spacing=cfg.diffusion.timestep_spacing)
+            latents = unscale_latents(latents, cfg.autoencoder.scale_factor, cfg.autoencoder.shift_factor)
+            pixels = self._decoder.decode(latents).clamp(-1, 1)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step_{step:08d}.png"
+        _save_grid(pixels, path)
+        return [(path, " | ".join(prompts))]
+
+
+def _save_grid(pixels: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    images = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # [N,3,H,W]
+    grid = torch.cat(list(images), dim=2)  # side by side: [3,H,N*W]
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
 def run(cfg: Config) -> None:
     """Run one job described by `cfg` in this process (under python, torchrun, deepspeed or srun)."""
-    if cfg.stage == "autoencoder":
-        from ldmscale.stage1 import train_autoencoder
-
-        train_autoencoder(cfg)
-        return
+    from ldmscale import checkpoint as ckpt
     from ldmscale.config import save_resolved
     from ldmscale.distributed import env
+    from ldmscale.metrics import build_logger, detect_peak_flops
+    from ldmscale.trainer import Trainer
 
-    dist = env.detect()
-    if dist.rank == 0:
-        save_resolved(cfg, cfg.run_dir)
-    print(f"[ldmscale] composed config for {cfg.name!r}; run_dir={cfg.run_dir}")
+    if cfg.dry_run:
+        dry_run(cfg, env.detect().world_size)
+        return
+    backend = cfg.deepspeed.backend
+    dist = env.setup(backend)
+    engines: dict[str, Any] = {}
+    logger = None
+    try:
+        seed_everything(cfg.seed, dist.rank)
+        if dist.is_main:
+            save_resolved(cfg, cfg.run_dir)
+        if cfg.stage == "autoencoder":
+            from ldmscale.stage1 import train_autoencoder
+
+            train_autoencoder(cfg, dist)
+            return
+        task, loader, accumulation, flops = build_diffusion_task(cfg, dist)
+        engines = task.engines()
+        checkpointer = ckpt.Checkpointer(cfg.checkpoint)
+        trainer = Trainer(task, loader, cfg.trainer, checkpointer=checkpointer, accumulation_steps=accumulation,
+                          world_size=dist.world_size, run_dir=cfg.run_dir, meta={"config": to_dict(cfg)},
+                          flops_per_image=flops, peak_flops=detect_peak_flops(cfg.trainer.peak_flops))
+        trainer.resume()
+        logger = build_logger(cfg.logger, cfg.run_dir, is_main=dist.is_main, config=to_dict(cfg),
+                              total_steps=cfg.trainer.max_steps, initial_step=trainer.step, name=cfg.name)
+        trainer.logger = logger
+        ckpt.SAVE_REQUEST.install()
+        trainer.fit()
+    finally:
+        if logger is not None:
+            logger.close()
+        for engine in engines.values():
+            engine.destroy()
+        env.teardown()
 
 
 register_configs()

@@ -34,7 +34,7 @@ def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
         "ae_loss.estimate_scale_samples=8", "ae_loss.num_grid_samples=4",
         "autoencoder.ch=8", "autoencoder.ch_mult=[1,2]", "ae_loss.disc_ndf=8", "ae_loss.disc_num_layers=2",
         "ae_loss.disc_start=2", "ae_loss.kl_weight=1e-3", "trainer.log_every_steps=1",
-        "checkpoint.every_steps=100", *extra,
+        "checkpoint.every_steps=100", "logger.wandb_mode=disabled", *extra,
     ]
 
 

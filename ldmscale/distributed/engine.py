@@ -314,7 +314,7 @@ def estimate_model_state_memory(
     gpus_per_node = min(gpus_per_node, num_gpus)
     nodes = max(1, num_gpus // gpus_per_node)
     if zero_stage == 3:
-        cpu, gpu = estimate_zero3_model_states_mem_needs(
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
             total_params, largest_layer_params, gpus_per_node, nodes,
             cpu_offload=offload_optimizer, cpu_offload_params=offload_param, zero_init=True,
         )

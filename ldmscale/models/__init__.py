@@ -19,9 +19,13 @@ from ldmscale.models.conditioners import (
     drop_conditions,
     null_conditions,
 )
+from ldmscale.models.flops import count_flops
+from ldmscale.models.interop import load_autoencoder, load_unet, save_autoencoder, save_unet
+from ldmscale.models.unet import Denoiser, UNet, build_denoiser, build_unet
 
 __all__ = [
     "AutoencoderKL", "DiagonalGaussian", "VQModel", "build_autoencoder", "estimate_scale_and_shift",
     "estimate_scale_factor", "scale_latents", "unscale_latents", "ClassEmbedder", "LayoutEncoder", "TextEncoder",
-    "TextEncoding", "build_text_encoder", "drop_conditions", "null_conditions",
+    "TextEncoding", "build_text_encoder", "drop_conditions", "null_conditions", "Denoiser", "UNet", "build_denoiser",
+    "build_unet", "count_flops", "load_autoencoder", "load_unet", "save_autoencoder", "save_unet",
 ]

@@ -1,0 +1,354 @@
+"""The LDM/SD U-Net (Rombach et al. 2022, openaimodel.py design) and the stage-2 Denoiser around it.
+
+Module names follow the original LDM/SD checkpoints (`model.diffusion_model.*`), so LDM files load with
+an identity key map and `interop.py` only has to translate diffusers names."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ldmscale.models.attention import BACKENDS, SpatialTransformer, xformers_available
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps, cos first (as in LDM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 (bf16 statistics drift), cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float() if self.weight is not None else None,
+                            self.bias.float() if self.bias is not None else None, self.eps).to(x.dtype)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool, out_channels: Optional[int] = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool, out_channels: Optional[int] = None):
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding (additive or scale-shift norm), optional up/down."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: Optional[int] = None,
+                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False, norm_num_groups: int = 32):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(GroupNorm32(norm_num_groups, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(out_conv.weight)  # the block starts as the identity
+        nn.init.zeros_(out_conv.bias)
+        self.out_layers = nn.Sequential(GroupNorm32(norm_num_groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        out_conv)
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            h = self.h_upd(self.in_layers[:-1](x))
+            x = self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence that hands the timestep embedding to ResBlocks and the context to transformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, mask)
+            else:
+                x = layer(x)
+        return x
+
+
+def _per_level(values: list[int], num_levels: int, name: str) -> list[int]:
+    values = list(values)
+    if len(values) == 1:
+        return values * num_levels
+    if len(values) != num_levels:
+        raise ValueError(f"model.{name} has {len(values)} values; expected 1 or one per level ({num_levels})")
+    return values
+
+
+class UNet(nn.Module):
+    """LDM U-Net: x [B,Cin,h,w], t [B], context [B,L,D], context_mask [B,L], y [B] | [B,adm] → [B,Cout,h,w]."""
+
+    def __init__(self, *, in_channels: int = 4, out_channels: int = 4, model_channels: int = 320,
+                 channel_mult: list[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
+                 attention_resolutions: list[int] = (4, 2, 1), num_heads: int = -1, num_head_channels: int = 64,
+                 transformer_depth: list[int] = (1,), transformer_depth_middle: Optional[int] = None,
+                 context_dim: Optional[int] = None, use_linear_in_transformer: bool = False,
+                 use_scale_shift_norm: bool = False, resblock_updown: bool = False, conv_resample: bool = True,
+                 dropout: float = 0.0, num_classes: Optional[int] = None, adm_in_channels: Optional[int] = None,
+                 norm_num_groups: int = 32, attention_backend: str = "sdpa", gradient_checkpointing: bool = False):
+        super().__init__()
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("model.num_heads or model.num_head_channels must be set")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"model.attention_backend={attention_backend!r} is not one of {list(BACKENDS)}")
+        if attention_backend == "xformers" and not xformers_available():
+            raise ValueError("model.attention_backend='xformers' but xformers is not installed")
+        if num_classes is not None and adm_in_channels is not None:
+            raise ValueError("set model.num_classes or model.adm_in_channels, not both")
+        channel_mult = list(channel_mult)
+        depth = _per_level(transformer_depth, len(channel_mult), "transformer_depth")
+        depth_middle = depth[-1] if transformer_depth_middle is None else transformer_depth_middle
+        self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
+        self.context_dim, self.num_classes, self.adm_in_channels = context_dim, num_classes, adm_in_channels
+        self.gradient_checkpointing = gradient_checkpointing
+        self.attention_backend = attention_backend
+        self.config = dict(
+            in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+            channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+            attention_resolutions=list(attention_resolutions), num_heads=num_heads,
+            num_head_channels=num_head_channels, transformer_depth=depth, transformer_depth_middle=depth_middle,
+            context_dim=context_dim, use_linear_in_transformer=use_linear_in_transformer,
+            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown, conv_resample=conv_resample,
+            dropout=dropout, num_classes=num_classes, adm_in_channels=adm_in_channels,
+            norm_num_groups=norm_num_groups)
+
+        emb_dim = model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
+        elif adm_in_channels is not None:
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
+
+        def transformer(ch: int, level_depth: int) -> SpatialTransformer:
+            if num_head_channels == -1:
+                heads, dim_head = num_heads, ch // num_heads
+            else:
+                heads, dim_head = ch // num_head_channels, num_head_channels
+            return SpatialTransformer(ch, heads, dim_head, level_depth, context_dim, dropout,
+                                      use_linear_in_transformer, norm_num_groups, attention_backend)
+
+        def resblock(ch: int, out: int, **kw: Any) -> ResBlock:
+            return ResBlock(ch, emb_dim, dropout, out, use_scale_shift_norm, norm_num_groups=norm_num_groups, **kw)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3,
+                                                                             padding=1))])
+        skip_channels = [model_channels]
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [resblock(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions and depth[level] > 0:
+                    layers.append(transformer(ch, depth[level]))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                down = resblock(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_channels.append(ch)
+                ds *= 2
+        middle: list[nn.Module] = [resblock(ch, ch)]
+        if depth_middle > 0:
+            middle.append(transformer(ch, depth_middle))
+        middle.append(resblock(ch, ch))
+        self.middle_block = TimestepEmbedSequential(*middle)
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [resblock(ch + skip_channels.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions and depth[level] > 0:
+                    layers.append(transformer(ch, depth[level]))
+                if level and i == num_res_blocks:
+                    layers.append(resblock(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        out_conv = nn.Conv2d(model_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(out_conv.weight)
+        nn.init.zeros_(out_conv.bias)
+        self.out = nn.Sequential(GroupNorm32(norm_num_groups, ch), nn.SiLU(), out_conv)
+
+    def set_attention_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"model.attention_backend={backend!r} is not one of {list(BACKENDS)}")
+        if backend == "xformers" and not xformers_available():
+            raise ValueError("model.attention_backend='xformers' but xformers is not installed")
+        self.attention_backend = backend
+        for module in self.modules():
+            if isinstance(module, SpatialTransformer):
+                module.set_backend(backend)
+
+    def _run(self, block: TimestepEmbedSequential, h, emb, context, mask):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # non-reentrant: works with torch.compile, kwargs and inputs that need no grad
+            return checkpoint(block, h, emb, context, mask, use_reentrant=False)
+        return block(h, emb, context, mask)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: Optional[torch.Tensor] = None,
+                context_mask: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))  # [B,4C]
+        if hasattr(self, "label_emb"):
+            if y is None:
+                raise ValueError("this U-Net is class/vector conditioned: pass y")
+            emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
+        if context is not None:
+            context = context.to(dtype)
+        if context_mask is not None and bool(context_mask.all()):
+            context_mask = None  # all real tokens: let SDPA pick its fastest kernel
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context, context_mask)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context, context_mask)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        return self.out(h)  # [B,Cout,h,w]
+
+
+def unet_kwargs(cfg) -> dict[str, Any]:
+    """UNet constructor arguments from a `UNetConfig` (or any object with the same fields)."""
+    fields = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
+              "attention_resolutions", "num_heads", "num_head_channels", "transformer_depth",
+              "transformer_depth_middle", "context_dim", "use_linear_in_transformer", "use_scale_shift_norm",
+              "resblock_updown", "conv_resample", "dropout", "num_classes", "adm_in_channels", "norm_num_groups",
+              "attention_backend", "gradient_checkpointing")
+    kwargs = {name: getattr(cfg, name) for name in fields if hasattr(cfg, name)}
+    for name in ("channel_mult", "attention_resolutions", "transformer_depth"):
+        kwargs[name] = list(kwargs[name])
+    return kwargs
+
+
+def build_unet(cfg) -> UNet:
+    """Build the U-Net a `UNetConfig` describes (random init; `cfg.weights` loads trained weights)."""
+    model = UNet(**unet_kwargs(cfg))
+    if getattr(cfg, "weights", None):
+        from ldmscale.models.interop import load_unet_weights
+
+        load_unet_weights(model, cfg.weights)
+    if getattr(cfg, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    if getattr(cfg, "compile", False):
+        model.compile()  # in place: state_dict keys stay unprefixed
+    return model
+
+
+class Denoiser(nn.Module):
+    """The trained stage-2 network: U-Net + trainable conditioning parts (class embedding, layout encoder)."""
+
+    def __init__(self, unet: UNet, kind: str = "none", layout_encoder: Optional[nn.Module] = None,
+                 num_classes: Optional[int] = None, concat_channels: int = 0):
+        super().__init__()
+        self.unet, self.kind = unet, kind
+        self.layout_encoder = layout_encoder
+        self.num_classes = num_classes  # conditioning classes; the U-Net holds one more row (the null class)
+        self.concat_channels = concat_channels
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        cond = cond or {}
+        context, mask, y = cond.get("context"), cond.get("context_mask"), None
+        if self.concat_channels:
+            if "concat" not in cond:
+                raise ValueError(f"conditioner.kind={self.kind!r} needs cond['concat'] [B,{self.concat_channels},h,w]")
+            x_t = torch.cat([x_t, cond["concat"].to(x_t.dtype)], dim=1)
+        if self.kind == "class":
+            labels = cond["class_labels"]
+            y = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
+        elif self.kind == "layout":
+            context, mask = self.layout_encoder(cond["boxes"], cond["box_classes"])
+            mask = mask | ~mask.any(dim=1, keepdim=True)  # an all-padding layout (CFG null) attends to all boxes
+        elif self.unet.adm_in_channels is not None and "pooled" in cond:
+            y = cond["pooled"]
+        if self.unet.context_dim is not None and context is None:
+            raise ValueError(f"the U-Net has context_dim={self.unet.context_dim}: cond['context'] is missing")
+        return self.unet(x_t, t, context=context, context_mask=mask, y=y)
+
+
+def build_denoiser(model_cfg, cond_cfg) -> Denoiser:
+    """U-Net + the trainable conditioning parts named by `cond_cfg.kind`."""
+    kind = cond_cfg.kind
+    kwargs = unet_kwargs(model_cfg)
+    concat_channels = 0
+    if kind in ("sr", "inpaint"):
+        concat_channels = getattr(cond_cfg, "concat_channels", 0) or (
+            3 if kind == "sr" else model_cfg.out_channels + 1)
+        expected = model_cfg.out_channels + concat_channels
+        if model_cfg.in_channels not in (model_cfg.out_channels, expected):
+            raise ValueError(f"model.in_channels={model_cfg.in_channels} but conditioner.kind={kind!r} concatenates "
+                             f"{concat_channels} channels onto {model_cfg.out_channels} latent channels: "
+                             f"expected {expected}")
+        kwargs["in_channels"] = expected
+    layout_encoder = None
+    if kind == "class":
+        if cond_cfg.num_classes <= 0:
+            raise ValueError("conditioner.kind='class' needs conditioner.num_classes > 0")
+        kwargs["num_classes"], kwargs["adm_in_channels"] = cond_cfg.num_classes + 1, None  # + null class
+    elif kind == "layout":
+        if cond_cfg.num_classes <= 0 or not model_cfg.context_dim:
+            raise ValueError("conditioner.kind='layout' needs conditioner.num_classes > 0 and model.context_dim")
+        from ldmscale.models.conditioners import LayoutEncoder
+
+        layout_encoder = LayoutEncoder(cond_cfg.num_classes, dim=cond_cfg.layout_dim,
+                                       context_dim=model_cfg.context_dim, max_boxes=cond_cfg.max_boxes)
+    if kind not in ("text", "layout"):
+        kwargs["context_dim"] = None  # nothing to cross-attend to: the transformers self-attend only
+    unet = UNet(**kwargs)
+    if getattr(model_cfg, "weights", None):
+        from ldmscale.models.interop import load_unet_weights
+
+        load_unet_weights(unet, model_cfg.weights)
+    if getattr(model_cfg, "channels_last", False):
+        unet = unet.to(memory_format=torch.channels_last)
+    return Denoiser(unet, kind, layout_encoder, cond_cfg.num_classes if kind == "class" else None, concat_channels)

@@ -1,0 +1,295 @@
+"""The training loop, as a list of events: step → maybe log → maybe sample → maybe checkpoint → stop?
+
+Everything stage-specific lives in a `Task` (stage 2: `DiffusionTask`; stage 1: the autoencoder task),
+so both stages share this loop, checkpointing, resume and metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as tdist
+
+from ldmscale import checkpoint as ckpt
+from ldmscale.config import TrainerConfig
+from ldmscale.metrics import NullLogger, Throughput, mfu, peak_memory_gb
+
+
+class Task(Protocol):
+    """What the loop trains. `train_step` does forward/backward/step for one optimiser step."""
+
+    def engines(self) -> dict[str, Any]: ...  # name → Engine, saved/loaded by the checkpointer
+
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+        """Returns detached tensors: at least "loss" (mean over micro-batches) and "skipped" (0/1)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...  # this rank's extra state: EMA partition, generators
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
+        """Collective; writes sample grids and returns [(png path, caption)] (empty on non-main ranks)."""
+        ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+class Trainer:
+    """Runs a Task over a resumable loader; owns step/images counters and the periodic events."""
+
+    def __init__(self, task: Task, loader: Iterable[dict[str, Any]], cfg: TrainerConfig, *,
+                 checkpointer: ckpt.Checkpointer, logger: NullLogger | None = None,
+                 accumulation_steps: int = 1, world_size: int = 1, run_dir: str | Path = ".",
+                 meta: dict[str, Any] | None = None, flops_per_image: float = 0.0, peak_flops: float = 1e12):
+        self.task, self.loader, self.cfg = task, loader, cfg
+        self.checkpointer = checkpointer
+        self.logger = logger or NullLogger()
+        self.accumulation_steps, self.world_size = accumulation_steps, world_size
+        self.run_dir = Path(run_dir)
+        self.meta = meta or {}
+        self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
+        self.step = 0
+        self.images_seen = 0
+        self.epoch = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self._iter: Iterator[dict[str, Any]] | None = None
+        self._loss_sum = torch.zeros(())
+        self._loss_count = 0
+        self.throughput = Throughput()
+
+    # ---- the loop
+    def fit(self) -> None:
+        self.throughput.reset()
+        while self.step < self.cfg.max_steps:
+            out = self.train_one_step()
+            self.maybe_log(out)
+            self.maybe_sample()
+            save, stop = self.checkpointer.request.agreed()
+            self.maybe_checkpoint(requested=save)
+            if stop or self.check_nonfinite(out):
+                break
+        else:
+            if self.checkpointer.cfg.save_at_end and self.checkpointer.last_saved_step != self.step:
+                self.save()
+
+    # ---- events
+    def train_one_step(self) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        micro_batches = [self._next_batch() for _ in range(self.accumulation_steps)]
+        data_wait = time.perf_counter() - t0
+        out = self.task.train_step(micro_batches, self.step)
+        self.step += 1
+        images = sum(_batch_size(b) for b in micro_batches) * self.world_size
+        self.images_seen += images
+        self.throughput.add(images, data_wait)
+        loss = out["loss"].detach().float().cpu() if out["loss"].device.type != "cpu" else out["loss"].float()
+        if not bool(out.get("skipped", torch.zeros(()))):
+            self._loss_sum = self._loss_sum + loss
+            self._loss_count += 1
+        self.logger.advance()
+        return out
+
+    def maybe_log(self, out: dict[str, torch.Tensor]) -> None:
+        if self.step % self.cfg.log_every_steps and self.step != self.cfg.max_steps:
+            return
+        loss = self._loss_sum.clone().reshape(1) / max(1, self._loss_count)
+        if tdist.is_available() and tdist.is_initialized() and self.world_size > 1:
+            tdist.all_reduce(loss)
+            loss /= self.world_size
+        rates = self.throughput.report()
+        record = {"loss": loss.item(), "images_seen": self.images_seen, "epoch": self.epoch,
+                  "nonfinite_steps": self.nonfinite_total, **rates,
+                  "mfu": mfu(rates["images_per_sec"], self.flops_per_image, self.world_size, self.peak_flops),
+                  "peak_mem_gb": peak_memory_gb()}
+        for name, engine in self.task.engines().items():
+            prefix = "" if len(self.task.engines()) == 1 else f"{name}/"
+            record[f"{prefix}lr"] = engine.lr()
+            record[f"{prefix}grad_norm"] = engine.grad_norm()
+        for key, value in out.items():
+            if key not in ("loss", "skipped") and torch.is_tensor(value) and value.numel() == 1:
+                record[key] = value.item()
+        self.logger.log(self.step, record)
+        self._loss_sum, self._loss_count = torch.zeros(()), 0
+
+    def maybe_sample(self) -> None:
+        every = self.cfg.sample_every_steps
+        if every and self.step % every == 0:
+            for path, caption in self.task.sample(self.step, self.run_dir / "samples"):
+                self.logger.log_image(self.step, "samples", path, caption)
+
+    def maybe_checkpoint(self, requested: bool = False) -> None:
+        if requested or self.checkpointer.should_save(self.step):
+            self.save()
+            self.checkpointer.request.clear()
+
+    def check_nonfinite(self, out: dict[str, torch.Tensor]) -> bool:
+        """Count skipped steps; after max_nonfinite_steps in a row save the last good state and stop."""
+        if not bool(out.get("skipped", torch.zeros(()))):
+            self.nonfinite_in_a_row = 0
+            return False
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.logger.write(f"step {self.step}: non-finite loss, step skipped "
+                          f"({self.nonfinite_in_a_row}/{self.cfg.max_nonfinite_steps} in a row)")
+        if self.nonfinite_in_a_row < self.cfg.max_nonfinite_steps:
+            return False
+        # Skipped steps left the weights untouched, so the current engine state is the last good one.
+        path = self.save()
+        raise NonFiniteLossError(
+            f"{self.nonfinite_in_a_row} consecutive non-finite losses up to step {self.step} "
+            f"(trainer.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); the last good weights are "
+            f"saved in {path}. Lower optim.lr, raise optim.warmup_steps, switch deepspeed.precision to "
+            "bf16/fp32, or check the data"
+        )
+
+    # ---- state
+    def save(self) -> Path:
+        client = {"step": self.step, "images_seen": self.images_seen, "epoch": self.epoch,
+                  "nonfinite_total": self.nonfinite_total, "rng": ckpt.rng_state(),
+                  "loader": _loader_state(self.loader), "task": self.task.state_dict()}
+        path = self.checkpointer.save(self.step, self.task.engines(), client, self.meta)
+        self.logger.write(f"saved checkpoint {path} (step {self.step}, {self.images_seen} images)")
+        return path
+
+    def resume(self) -> bool:
+        """Load the latest complete checkpoint if there is one (re-running the same command resumes)."""
+        tag = self.checkpointer.resume_tag()
+        if tag is None:
+            return False
+        state = self.checkpointer.load(tag, self.task.engines())
+        self.step, self.images_seen = state["step"], state["images_seen"]
+        self.epoch, self.nonfinite_total = state["epoch"], state["nonfinite_total"]
+        self.task.load_state_dict(state["task"])
+        if state.get("loader") is not None:
+            self.loader.load_state_dict(state["loader"])  # type: ignore[attr-defined]
+        self._iter = None
+        ckpt.set_rng_state(state["rng"])
+        self.checkpointer.last_saved_step = self.step
+        self.logger.write(f"resumed from {self.checkpointer.dir / tag} at step {self.step}")
+        return True
+
+    def _next_batch(self) -> dict[str, Any]:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self.epoch += 1
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(self.epoch)
+            self._iter = iter(self.loader)
+            return next(self._iter)
+
+
+def _loader_state(loader: Any) -> Any:
+    return loader.state_dict() if hasattr(loader, "state_dict") else None
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    for value in batch.values():
+        if torch.is_tensor(value) and value.ndim:
+            return int(value.shape[0])
+        if isinstance(value, list):
+            return len(value)
+    return 0
+
+
+# ---------------------------------------------------------------------------- tasks
+COND_KEYS = ("context", "context_mask", "pooled", "class_labels", "boxes", "box_classes", "concat")
+
+
+class EngineTask:
+    """One DeepSpeed engine, a per-sample loss and an EMA: the shared core of single-network tasks.
+
+    Non-finite losses are detected on every micro-batch (one all-reduced flag) BEFORE backward, so a
+    bad batch never reaches the weights; all ranks agree and skip together.
+    """
+
+    name = "model"
+
+    def __init__(self, engine: Any, ema: Any | None, *, seed: int, rank: int):
+        self.engine, self.ema = engine, ema
+        self.generator = torch.Generator(device=engine.device).manual_seed(seed * 100_003 + rank)
+
+    def engines(self) -> dict[str, Any]:
+        return {self.name: self.engine}
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:  # per-sample [B]
+        raise NotImplementedError
+
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+        total = torch.zeros((), device=self.engine.device)
+        skipped = False
+        for batch in micro_batches:
+            loss = self.loss(batch).mean()
+            if skipped or not self.engine.all_finite(loss):
+                skipped = True
+                self.engine.skip_micro_step()
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            total = total + loss.detach().float()
+        if self.ema is not None and not skipped:
+            self.ema.update(step)
+        return {"loss": total / len(micro_batches), "skipped": torch.tensor(float(skipped))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
+        return []
+
+
+def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    if not torch.is_tensor(value):
+        return value
+    if dtype is not None and value.is_floating_point():
+        return value.to(device=device, dtype=dtype, non_blocking=True)
+    return value.to(device=device, non_blocking=True)
+
+
+class DiffusionTask(EngineTask):
+    """Stage 2: engine(denoiser) + DiffusionObjective + EMA, with CFG condition dropout."""
+
+    name = "denoiser"
+
+    def __init__(self, engine: Any, objective: Any, ema: Any | None, *, cond_kind: str, ucg_rate: float,
+                 num_classes: int | None = None, seed: int, rank: int, sampler: Any | None = None):
+        super().__init__(engine, ema, seed=seed, rank=rank)
+        self.objective = objective
+        self.cond_kind, self.ucg_rate, self.num_classes = cond_kind, ucg_rate, num_classes
+        self.sampler = sampler  # builds EMA sample grids (ldmscale.train.SampleGrid)
+
+    def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """The engine in its compute dtype; the objective sees float32."""
+        dtype = self.engine.compute_dtype
+        cond = {k: _to_device(v, x_t.device, dtype) for k, v in cond.items()}
+        return self.engine(x_t.to(dtype), t, cond).float()
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        from ldmscale.models import drop_conditions
+
+        device = self.engine.device
+        latents = batch["latents"].to(device, torch.float32, non_blocking=True)
+        cond = {k: _to_device(batch[k], device) for k in COND_KEYS if k in batch}
+        cond = drop_conditions(cond, self.cond_kind, self.ucg_rate, self.generator, num_classes=self.num_classes)
+        return self.objective.loss(self.model_fn, latents, cond, generator=self.generator)
+
+    def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
+        if self.sampler is None or self.ema is None:
+            return []
+        return self.sampler(self.ema, step, out_dir)
