@@ -39,9 +39,9 @@ from ldmscale.models.losses import (
     conv_weight_grad,
 )
 
-EXPORT_DIR = "autoencoder"  # RUN_DIR/autoencoder: weights + config + latent scale (what stage 2 loads)
-WEIGHTS_FILE = "autoencoder.safetensors"
-CONFIG_FILE = "config.json"
+EXPORT_DIR = "autoencoder"  # RUN_DIR/autoencoder: our export (weights + config with the latent scale)
+DIFFUSERS_DIR = "autoencoder_diffusers"  # RUN_DIR/autoencoder_diffusers: a diffusers AutoencoderKL folder
+LATENT_SCALE_FILE = "latent_scale.json"  # RUN_DIR/latent_scale.json: the estimate, also in both exports
 
 
 class GeneratorModule(nn.Module):
@@ -308,53 +308,46 @@ class AutoencoderTask:
         return estimate_scale_factor(flat), 0.0
 
     def export(self, run_dir: str | Path) -> Path:
-        """Write RUN_DIR/autoencoder/ (our format: safetensors + config.json with the latent scale).
+        """RUN_DIR/autoencoder (our format) and, for KL, RUN_DIR/autoencoder_diffusers (a diffusers
+        AutoencoderKL folder), both carrying the estimated latent scale (and shift). Collective under
+        ZeRO-3 (weights gathered); only rank 0 writes."""
+        from ldmscale.models.interop import save_autoencoder
 
-        Collective under ZeRO-3 (weights are gathered); only rank 0 writes.
-        """
         scale, shift = self.estimate_latent_scale()
         out = Path(run_dir) / EXPORT_DIR
         with self.g_engine.gathered_parameters():
             if self.rank == 0:
-                state = {k: v.detach().float().cpu().contiguous() for k, v in self.autoencoder.state_dict().items()}
-                save_autoencoder_export(state, dict(self.autoencoder.config), out, scale, shift,
-                                        step=self.step)
+                model = build_autoencoder(self.cfg.autoencoder)
+                model.load_state_dict({k: v.detach().float().cpu() for k, v in self.autoencoder.state_dict().items()})
+                model.scale_factor, model.shift_factor = scale, shift
+                model.config.update(scale_factor=scale, shift_factor=shift)
+                save_autoencoder(model, out, format="ldmscale")
+                (Path(run_dir) / LATENT_SCALE_FILE).write_text(json.dumps(
+                    {"scale_factor": scale, "shift_factor": shift, "step": self.step,
+                     "num_images": self.cfg.ae_loss.estimate_scale_samples}, indent=2))
+                if isinstance(model, AutoencoderKL) and model.config["z_channels"] == model.config["embed_dim"]:
+                    save_autoencoder(model, Path(run_dir) / DIFFUSERS_DIR, format="diffusers")
         return out
 
 
-def save_autoencoder_export(state: dict[str, torch.Tensor], config: dict[str, Any], out: str | Path,
-                            scale_factor: float, shift_factor: float, **extra: Any) -> Path:
-    """Our autoencoder format: autoencoder.safetensors + config.json (architecture + latent scaling)."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = dict(config, scale_factor=float(scale_factor), shift_factor=float(shift_factor))
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "ldmscale-autoencoder"})
-    tmp.replace(out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(dict(config, **extra), indent=2))
-    return out
-
-
-def load_autoencoder_from_run(run_dir: str | Path, map_location: str = "cpu") -> AutoencoderKL | VQModel:
-    """A stage-1 run directory (or its autoencoder/ export folder) → the trained autoencoder, scale set."""
-    from safetensors.torch import load_file
-
-    root = Path(run_dir)
-    folder = root if (root / WEIGHTS_FILE).is_file() else root / EXPORT_DIR
-    if not (folder / WEIGHTS_FILE).is_file():
+def resolve_run_dir(path: str | Path) -> Path:
+    """A stage-1 run directory → its exported autoencoder folder; other paths pass through unchanged."""
+    path = Path(path)
+    if (path / EXPORT_DIR).is_dir() and (path / LATENT_SCALE_FILE).is_file():
+        return path / EXPORT_DIR
+    if (path / "checkpoints").is_dir() and not (path / EXPORT_DIR).is_dir():
         raise FileNotFoundError(
-            f"{root} is not a stage-1 run: {folder / WEIGHTS_FILE} is missing (it is written when the "
-            "autoencoder run finishes; `python -m ldmscale.train stage=autoencoder ...` with the same run_dir "
-            "resumes and writes it)")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    kind = config.pop("kind")
-    for key in ("step", "double_z") if kind == "vq" else ("step",):
-        config.pop(key, None)
-    model: AutoencoderKL | VQModel = (AutoencoderKL if kind == "kl" else VQModel)(**config)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=map_location))
-    return model.eval()
+            f"{path} is a stage-1 run without {path / EXPORT_DIR}: it is written when the run reaches "
+            "trainer.max_steps (re-running the same command resumes and writes it)")
+    return path
+
+
+def load_autoencoder_from_run(run_dir: str | Path) -> AutoencoderKL | VQModel:
+    """A stage-1 run directory (or any path `ldmscale.models.interop.load_autoencoder` takes) → the
+    trained autoencoder in eval mode, with the latent scale estimated at the end of training."""
+    from ldmscale.models.interop import load_autoencoder
+
+    return load_autoencoder(resolve_run_dir(run_dir))
 
 
 # ---------------------------------------------------------------------------- the stage-1 run

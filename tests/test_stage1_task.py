@@ -32,7 +32,7 @@ def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
         "data.micro_batch_size=4", "data.global_batch_size=4",
         f"ae_loss.eval_shards=['{shards}/val/shapes-000000.tar']", "ae_loss.num_eval_samples=8",
         "ae_loss.estimate_scale_samples=8", "ae_loss.num_grid_samples=4",
-        "autoencoder.ch=8", "autoencoder.ch_mult=[1,2]", "ae_loss.disc_ndf=8", "ae_loss.disc_num_layers=2",
+        "autoencoder.ch=32", "autoencoder.ch_mult=[1,2]", "ae_loss.disc_ndf=8", "ae_loss.disc_num_layers=2",
         "ae_loss.disc_start=2", "ae_loss.kl_weight=1e-3", "trainer.log_every_steps=1",
         "checkpoint.every_steps=100", "logger.wandb_mode=disabled", *extra,
     ]
@@ -74,8 +74,8 @@ def test_train_gan_resume_bit_exact_and_export(shards, tmp_path):
     for step in (3, 4):
         for key in ("loss", "d_loss", "d_weight", "rec_loss"):
             assert steps_a[step][key] == steps_b[step][key], (step, key)
-    weights_a = load_file(straight / "autoencoder" / "autoencoder.safetensors")
-    weights_b = load_file(resumed / "autoencoder" / "autoencoder.safetensors")
+    weights_a = load_file(straight / "autoencoder" / "model.safetensors")
+    weights_b = load_file(resumed / "autoencoder" / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
@@ -83,11 +83,18 @@ def test_train_gan_resume_bit_exact_and_export(shards, tmp_path):
     from ldmscale.stage1 import load_autoencoder_from_run
 
     model = load_autoencoder_from_run(straight)
-    config = json.loads((straight / "autoencoder" / "config.json").read_text())
-    assert model.scale_factor == config["scale_factor"] and 0.05 < model.scale_factor < 50
+    scale = json.loads((straight / "latent_scale.json").read_text())["scale_factor"]
+    assert model.scale_factor == pytest.approx(scale) and 0.05 < scale < 50
+    # The diffusers folder decodes like ours (diffusers is the reference implementation).
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    reference = DiffusersAutoencoderKL.from_pretrained(straight / "autoencoder_diffusers").eval()
+    assert reference.config.scaling_factor == pytest.approx(scale)
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
     latents = model.latent_from_moments(model.encode_moments(pixels))
     assert latents.shape == (2, 4, 8, 8) and model.decode(latents).shape == pixels.shape
+    with torch.no_grad():
+        assert torch.allclose(reference.decode(latents).sample, model.decode(latents), atol=1e-4)
     assert (straight / "samples" / "recon_final.png").is_file()
     final = [r for r in read_metrics(straight) if "eval/psnr" in r][-1]
     assert final["eval/psnr"] > 5 and -1 <= final["eval/ssim"] <= 1  # 4 steps: barely trained
