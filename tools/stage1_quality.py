@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train", required=True, help="raw training shards (brace ranges allowed)")
     parser.add_argument("--val", required=True, help="held-out raw shards")
     parser.add_argument("--seconds", type=float, default=180.0, help="wall-clock training budget")
-    parser.add_argument("--eval-every", type=float, default=15.0)
+    parser.add_argument("--eval-every", type=float, default=15.0, help="seconds between evaluations")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps instead (0: by time)")
+    parser.add_argument("--eval-every-steps", type=int, default=100, help="with --max-steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write the curve as JSON here")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=2e-3")
@@ -68,14 +70,18 @@ def main(argv: list[str] | None = None) -> dict:
     next_eval = args.eval_every
     while True:
         elapsed = time.perf_counter() - start
-        if elapsed >= next_eval or elapsed >= args.seconds:
+        if args.max_steps:
+            due, done = step % args.eval_every_steps == 0 and step > 0, step >= args.max_steps
+        else:
+            due, done = elapsed >= next_eval, elapsed >= args.seconds
+        if due or done:
             point = {"step": step, "wall_s": round(elapsed, 1), "cpu_s": round(time.process_time() - cpu0, 1),
                      **evaluate()}
             curve.append(point)
             print(json.dumps(point), flush=True)
             next_eval += args.eval_every
             start += time.perf_counter() - start - elapsed  # evaluation is not training time
-            if elapsed >= args.seconds:
+            if done:
                 break
         pixels = next(loader)["pixels"]
         if isinstance(model, VQModel):
