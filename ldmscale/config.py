@@ -239,26 +239,27 @@ class LoggerConfig:
 # ---------------------------------------------------------------------------- launcher
 @dataclass
 class LauncherConfig:
-    """Where the job runs: here (local) or on SLURM through submitit."""
+    """Where the job runs: here (local) or on SLURM through submitit (ldmscale/launch/slurm.py)."""
 
     kind: str = "local"  # local | slurm
     nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 1
+    gpus_per_node: int = 0  # 0: no GRES request at all (a GRES request on a node without GRES fails)
+    tasks_per_node: int = 0  # 0: one task per GPU (one task without GPUs)
     cpus_per_task: int = 1
-    mem_gb: int = 0
+    mem_gb: int = 0  # per node; 0: the partition's default
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    timeout_min: int = 60
-    signal_delay_s: int = 120
-    max_num_timeout: int = 3
-    additional_parameters: dict[str, Any] = field(default_factory=dict)
-    setup: list[str] = field(default_factory=list)
+    timeout_min: int = 60  # below 50, submitit counts every signal (even preemption) as a timeout
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: time to save a checkpoint
+    max_num_timeout: int = 3  # requeues after a timeout (preemptions do not count)
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # raw sbatch keys
+    setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. "module load cuda"
     job_name: str = "ldmscale"
-    folder: str = "${run_dir}/slurm"
-    array_parallelism: int = 16
+    folder: str = "${run_dir}/slurm"  # sbatch scripts, pickles and logs (%j = job id, %t = task)
+    array_parallelism: int = 16  # array tasks running at once (cache arrays, sweeps)
+    shards_per_task: int = 1  # cache arrays: input shards per array task
 
 
 # ---------------------------------------------------------------------------- trainer & friends
@@ -316,13 +317,29 @@ class CacheConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """The end-to-end demo (stage=demo): synthetic shards → stage-1 autoencoder → cache → U-Net → eval.
+
+    Each step writes into run_dir and is skipped or resumed when re-run, so Ctrl-C loses nothing.
+    """
+
+    num_train_samples: int = 10000
+    num_val_samples: int = 256
+    shard_size: int = 2500
+    holdout: list[str] = field(default_factory=lambda: ["blue triangle"])  # never trained; reported apart
+    autoencoder_overrides: list[str] = field(default_factory=lambda: ["+experiment=ae_demo"])
+    eval_seeds_per_prompt: int = 2
+    eval_batch_size: int = 72
+
+
+@dataclass
 class Config:
     """The whole run. Public keys are documented in the README."""
 
     name: str = "demo"
     run_dir: str = "runs/${name}"
     seed: int = 0
-    stage: str = "diffusion"  # diffusion (stage 2) | autoencoder (stage 1)
+    stage: str = "diffusion"  # diffusion (stage 2) | autoencoder (stage 1) | demo (the whole pipeline)
     dry_run: bool = False
     model: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -338,6 +355,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 class ConfigError(ValueError):
@@ -345,7 +363,7 @@ class ConfigError(ValueError):
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "stage": ("diffusion", "autoencoder"),
+    "stage": ("diffusion", "autoencoder", "demo"),
     "autoencoder.kind": ("kl", "vq"),
     "conditioner.kind": ("text", "class", "layout", "sr", "inpaint", "none"),
     "conditioner.text_layer": ("last", "penultimate"),
@@ -385,6 +403,14 @@ def validate(cfg: Config) -> Config:
                 "trainer.log_every_steps", "checkpoint.every_steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("launcher.nodes", "launcher.cpus_per_task", "launcher.timeout_min",
+                "launcher.array_parallelism", "launcher.shards_per_task"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("launcher.gpus_per_node", "launcher.tasks_per_node", "launcher.mem_gb",
+                "launcher.signal_delay_s", "launcher.max_num_timeout"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
@@ -409,16 +435,22 @@ def register_configs() -> None:
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
-    """Compose the config as `python -m ldmscale.train OVERRIDES` would, outside Hydra's main."""
+    """Compose the config as `python -m ldmscale.train OVERRIDES` would (also from inside a Hydra app)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
-    GlobalHydra.instance().clear()
+    if GlobalHydra.instance().is_initialized():  # inside @hydra.main: reuse its search path
+        return to_object(hydra_compose(config_name, overrides=list(overrides or [])))
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         composed = hydra_compose(config_name, overrides=list(overrides or []))
     return to_object(composed)
+
+
+def quote_override_value(value: str) -> str:
+    """Quote a string for a Hydra override, so paths with braces, commas or spaces pass through."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -36,7 +36,6 @@ def example_inputs(cfg: Config, batch: int = 1, device: str = "meta") -> tuple[A
     cond: dict[str, torch.Tensor] = {}
     if cfg.model.context_dim:
         cond["context"] = torch.zeros(batch, cfg.conditioner.context_length, cfg.model.context_dim, device=device)
-        cond["context_mask"] = torch.ones(batch, cfg.conditioner.context_length, dtype=torch.bool, device=device)
     if cfg.model.adm_in_channels:
         pooled = cfg.model.adm_in_channels
         cond["pooled"] = torch.zeros(batch, pooled, device=device)
@@ -69,7 +68,7 @@ def dry_run(cfg: Config, world_size: int) -> dict[str, Any]:
     lines = [
         f"experiment      {cfg.name}",
         f"parameters      {params / 1e9:.3f} B ({params:,})",
-        f"FLOPs/image     {flops / 1e12:.3f} TFLOP forward, {3 * flops / 1e12:.3f} TFLOP train step",
+        f"FLOPs/image     {flops / 1e9:,.2f} GFLOP forward, {3 * flops / 1e9:,.2f} GFLOP train step (3x)",
         f"batch           global {cfg.data.global_batch_size} = micro {cfg.data.micro_batch_size} × "
         f"accumulation {accumulation} × world {world_size}",
         "DeepSpeed model-state memory per GPU (params+grads+Adam; activations extra):",
@@ -135,8 +134,13 @@ class SampleGrid:
         if not env.is_main():
             return []
         from ldmscale.diffusion.samplers import guided_model_fn, sample
-        from ldmscale.models import build_autoencoder, build_denoiser, build_text_encoder, null_conditions
-        from ldmscale.models import unscale_latents
+        from ldmscale.models import (
+            build_autoencoder,
+            build_denoiser,
+            build_text_encoder,
+            null_conditions,
+            unscale_latents,
+        )
 
         cfg = self.cfg
         if self._model is None:
@@ -232,7 +236,17 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def main(composed: DictConfig) -> None:
-    run(to_object(composed))
+    from hydra.core.hydra_config import HydraConfig
+
+    from ldmscale.launch import launch
+
+    cfg = to_object(composed)
+    if cfg.stage == "demo":  # the whole pipeline; each of its training steps is an ordinary run
+        from ldmscale.pipeline import run_demo
+
+        run_demo(cfg, list(HydraConfig.get().overrides.task))
+        return
+    launch(cfg)
 
 
 if __name__ == "__main__":

@@ -88,9 +88,9 @@ def draw_spec(seed: int, index: int, holdout: set[tuple[str, str]] | None = None
         if not holdout or (colour, shape) not in holdout:
             break
     position = POSITIONS[rng.integers(len(POSITIONS))]
-    size = rng.uniform(0.28, 0.42)
-    cx = (0.25 if "left" in position else 0.75) + rng.uniform(-0.05, 0.05)
-    cy = (0.25 if "top" in position else 0.75) + rng.uniform(-0.05, 0.05)
+    size = rng.uniform(0.26, 0.40)
+    cx = (0.25 if "left" in position else 0.75) + rng.uniform(-0.04, 0.04)
+    cy = (0.25 if "top" in position else 0.75) + rng.uniform(-0.04, 0.04)
     bbox = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
     background = int(rng.integers(200, 245))
     return ShapeSpec(shape, colour, position, tuple(float(v) for v in bbox), background)
@@ -190,3 +190,124 @@ def write_shards(out_dir: str | Path, num_samples: int, resolution: int = 64, sh
         bar.update(len(indices))
     bar.close()
     return paths
+
+
+# ---------------------------------------------------------------------------- analysis
+# The inverse of `render`: read shape, colour, position and box back from an image, so generated
+# samples can be scored for prompt adherence against the words that asked for them.
+
+_SATURATION_THRESHOLD = 60  # every palette colour has max-min ≥ 140; the grey background has 0
+# Two geometric features, thresholds set between the values measured on rendered data
+# (tests/test_synthetic.py checks them): a triangle's top quarter is much narrower than its bottom
+# quarter (ratio ≈ 0.3, others ≈ 1), and fill inside the mask's own box is π/4 for a circle, 1 for a square.
+_TAPER_THRESHOLD = 0.6
+_FILL_THRESHOLD = 0.9
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What an image shows, as read back by `analyse` (None where nothing was found)."""
+
+    shape: str | None
+    colour: str | None
+    position: str | None
+    bbox: tuple[float, float, float, float] | None
+    num_components: int
+    fill: float
+    taper: float
+
+
+def foreground_mask(image: np.ndarray) -> np.ndarray:
+    """Pixels that belong to a shape: saturated colour on a grey background. image: [H,W,3] uint8."""
+    pixels = image.astype(np.int16)
+    return (pixels.max(-1) - pixels.min(-1)) > _SATURATION_THRESHOLD
+
+
+def count_components(mask: np.ndarray, min_pixels: int = 4) -> int:
+    """4-connected components of at least `min_pixels` pixels (tiny specks are noise, not shapes)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    height, width = mask.shape
+    count = 0
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        stack, size = [(y, x)], 0
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            size += 1
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        count += size >= min_pixels
+    return count
+
+
+def analyse(image: np.ndarray) -> Analysis:
+    """Read the dominant shape of an [H,W,3] uint8 image."""
+    mask = foreground_mask(image)
+    if mask.sum() < 4:
+        return Analysis(None, None, None, None, 0, 0.0, 0.0)
+    height, width = mask.shape
+    ys, xs = np.nonzero(mask)
+    mean_rgb = image[mask].astype(np.float64).mean(0)
+    palette = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float64)
+    colour = COLOUR_NAMES[int(np.argmin(((palette - mean_rgb) ** 2).sum(-1)))]
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    fill = float(mask.sum() / ((y1 - y0) * (x1 - x0)))
+    quarter = max(1, (y1 - y0) // 4)
+    top_width = mask[y0:y0 + quarter].sum() / quarter
+    bottom_width = mask[y1 - quarter:y1].sum() / quarter
+    taper = float(top_width / max(bottom_width, 1e-6))
+    shape = "triangle" if taper < _TAPER_THRESHOLD else "square" if fill > _FILL_THRESHOLD else "circle"
+    cy, cx = ys.mean() / height, xs.mean() / width
+    position = f"{'top' if cy < 0.5 else 'bottom'} {'left' if cx < 0.5 else 'right'}"
+    bbox = (x0 / width, y0 / height, x1 / width, y1 / height)
+    return Analysis(shape, colour, position, bbox, count_components(mask), fill, taper)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def eval_prompts() -> list[tuple[str, str, str]]:
+    """Every (colour, shape, position) once: 72 prompts written for evaluation, held-out pairs included."""
+    return [(c, s, p) for s in SHAPES for c in COLOUR_NAMES for p in POSITIONS]
+
+
+def score_adherence(images: Sequence[np.ndarray], asked: Sequence[tuple[str, str, str]],
+                    holdout: Iterable[str] = ()) -> dict:
+    """Prompt adherence of generated images: fraction whose colour, shape and position match the prompt.
+
+    `asked` holds (colour, shape, position) per image. Held-out (never trained) colour/shape pairs are
+    reported separately, and chance levels are given for comparison.
+    """
+    held = parse_holdout(holdout)
+    rows = []
+    for image, (colour, shape, position) in zip(images, asked, strict=True):
+        found = analyse(np.asarray(image))
+        rows.append({
+            "colour": found.colour == colour, "shape": found.shape == shape, "position": found.position == position,
+            "held_out": (colour, shape) in held,
+        })
+
+    def rate(subset: list[dict], key: str) -> float | None:
+        return float(np.mean([r[key] for r in subset])) if subset else None
+
+    seen = [r for r in rows if not r["held_out"]]
+    unseen = [r for r in rows if r["held_out"]]
+    scores = {key: rate(seen, key) for key in ("colour", "shape", "position")}
+    scores["all_three"] = float(np.mean([r["colour"] and r["shape"] and r["position"] for r in seen])) if seen else None
+    return {
+        **scores,
+        "held_out": {key: rate(unseen, key) for key in ("colour", "shape", "position")},
+        "held_out_pairs": sorted(" ".join(pair) for pair in held),
+        "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS)},
+        "num_images": len(rows),
+        "num_held_out_images": len(unseen),
+    }

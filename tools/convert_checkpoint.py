@@ -1,0 +1,34 @@
+"""Convert a U-Net or autoencoder checkpoint between diffusers folders, LDM/SD files and our export.
+
+    python tools/convert_checkpoint.py unet  sd-v2.ckpt          out/unet          --to diffusers
+    python tools/convert_checkpoint.py vae   pipeline_folder/    out/vae.safetensors --to ldm
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldmscale.models.interop import FORMATS, load_autoencoder, load_unet, save_autoencoder, save_unet  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=("unet", "vae"))
+    parser.add_argument("src", help="diffusers folder (model or pipeline), LDM .ckpt/.safetensors, or our export")
+    parser.add_argument("dst", help="output folder (diffusers, ldmscale) or file (ldm: .ckpt or .safetensors)")
+    parser.add_argument("--to", choices=FORMATS, required=True)
+    args = parser.parse_args(argv)
+    if args.model == "unet":
+        out = save_unet(load_unet(args.src), args.dst, args.to)
+    else:
+        out = save_autoencoder(load_autoencoder(args.src), args.dst, args.to)
+    print(f"wrote {out} ({args.to})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
