@@ -95,6 +95,15 @@ def test_train_gan_resume_bit_exact_and_export(shards, tmp_path):
     assert latents.shape == (2, 4, 8, 8) and model.decode(latents).shape == pixels.shape
     with torch.no_grad():
         assert torch.allclose(reference.decode(latents).sample, model.decode(latents), atol=1e-4)
+    # What the cache job and U-Net training do with `autoencoder.weights=<stage-1 run dir>`.
+    import dataclasses
+
+    from ldmscale.config import compose
+    from ldmscale.models import build_autoencoder
+
+    ae_cfg = compose(tiny_overrides(shards, straight)).autoencoder
+    built = build_autoencoder(dataclasses.replace(ae_cfg, weights=str(straight)))
+    assert all(torch.equal(built.state_dict()[k], model.state_dict()[k]) for k in model.state_dict())
     assert (straight / "samples" / "recon_final.png").is_file()
     final = [r for r in read_metrics(straight) if "eval/psnr" in r][-1]
     assert final["eval/psnr"] > 5 and -1 <= final["eval/ssim"] <= 1  # 4 steps: barely trained
