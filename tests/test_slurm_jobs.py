@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import submitit
 
 from ldmscale.checkpoint import latest_tag, read_meta
 from ldmscale.config import compose
@@ -53,15 +56,15 @@ def _wait(predicate, timeout: float, what: str, job=None) -> None:
         time.sleep(0.1)
 
 
-def _train_cfg(run_dir: Path, cache: Path):
-    return compose([
+def _overrides(run_dir: Path, cache: Path) -> list[str]:
+    return [
         "launcher=slurm", "launcher.gpus_per_node=0", "launcher.tasks_per_node=2", "launcher.cpus_per_task=1",
         # >= 50 min: below, submitit treats every signal as a timeout (ENVIRONMENT.md pitfalls).
         "launcher.timeout_min=60", "launcher.signal_delay_s=120", "launcher.max_num_timeout=2",
         f"run_dir={run_dir}", f"data.train_shards=[{cache}]", "data.micro_batch_size=8",
         "data.global_batch_size=16", "deepspeed.zero_stage=2", "logger=disabled", "logger.progress_bar=false",
         f"trainer.max_steps={MAX_STEPS}", "trainer.log_every_steps=1", f"checkpoint.every_steps={EVERY}",
-    ])
+    ]
 
 
 def _steps_and_losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -75,8 +78,15 @@ def _steps_and_losses(run_dir: Path) -> list[tuple[int, float]]:
 def reference(cache, tmp_path_factory) -> Path:
     """An uninterrupted 2-task run: the first test's subject and the requeue test's reference."""
     run_dir = tmp_path_factory.mktemp("slurm_ref")
-    job = submit_training(_train_cfg(run_dir, cache))
-    job.results()  # raises with the job's traceback if any task failed
+    # The user's command: submits, prints the job id and log paths, and returns without waiting.
+    proc = subprocess.run([sys.executable, "-m", "ldmscale.train", *_overrides(run_dir, cache)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    submitted = re.search(r"submitted SLURM job (\d+)\n  stdout: (\S+)\n  stderr: (\S+)", proc.stdout)
+    assert submitted, proc.stdout
+    job_id, stdout, _ = submitted.groups()
+    assert Path(stdout) == run_dir / "slurm" / f"{job_id}_0_log.out"
+    submitit.SlurmJob(run_dir / "slurm", job_id, tasks=(0, 1)).results()  # raises with a failed task's traceback
     return run_dir
 
 
@@ -93,7 +103,7 @@ def test_two_task_job_trains_and_checkpoints(reference):
 
 def test_timeout_signal_requeues_and_resumes_exactly(reference, cache, tmp_path):
     run_dir = tmp_path / "interrupted"
-    job = submit_training(_train_cfg(run_dir, cache))
+    job = submit_training(compose(_overrides(run_dir, cache)))
     _wait(lambda: len(_steps_and_losses(run_dir)) >= 2, 180, "2 training steps", job)
     job._interrupt(timeout=True)  # USR2 only: what SLURM sends signal_delay_s before the time limit
     stdout = Path(job.paths.stdout)  # task 0's; submitit logs there, appending across requeues

@@ -135,10 +135,11 @@ class TrainingJob(Checkpointable):
 
 # ---------------------------------------------------------------------------- submission
 def _absolute_run_dir(cfg: Config) -> Config:
-    """The job may start in another directory: pin run_dir (and the log folder) to absolute paths."""
+    """The job may start in another directory: pin run_dir, checkpoints and logs to absolute paths."""
     run_dir = str(Path(cfg.run_dir).absolute())
     launcher = dataclasses.replace(cfg.launcher, folder=str(Path(cfg.launcher.folder).absolute()))
-    return dataclasses.replace(cfg, run_dir=run_dir, launcher=launcher)
+    checkpoint = dataclasses.replace(cfg.checkpoint, dir=str(Path(cfg.checkpoint.dir).absolute()))
+    return dataclasses.replace(cfg, run_dir=run_dir, launcher=launcher, checkpoint=checkpoint)
 
 
 def describe(job: submitit.Job) -> str:
