@@ -287,13 +287,29 @@ class CacheConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """The end-to-end demo (stage=demo): synthetic shards → stage-1 autoencoder → cache → U-Net → eval.
+
+    Each step writes into run_dir and is skipped or resumed when re-run, so Ctrl-C loses nothing.
+    """
+
+    num_train_samples: int = 10000
+    num_val_samples: int = 256
+    shard_size: int = 2500
+    holdout: list[str] = field(default_factory=lambda: ["blue triangle"])  # never trained; reported apart
+    autoencoder_overrides: list[str] = field(default_factory=lambda: ["+experiment=ae_demo"])
+    eval_seeds_per_prompt: int = 2
+    eval_batch_size: int = 72
+
+
+@dataclass
 class Config:
     """The whole run. Public keys are documented in the README."""
 
     name: str = "demo"
     run_dir: str = "runs/${name}"
     seed: int = 0
-    stage: str = "diffusion"  # diffusion (stage 2) | autoencoder (stage 1)
+    stage: str = "diffusion"  # diffusion (stage 2) | autoencoder (stage 1) | demo (the whole pipeline)
     dry_run: bool = False
     model: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -308,6 +324,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 class ConfigError(ValueError):
@@ -315,7 +332,7 @@ class ConfigError(ValueError):
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "stage": ("diffusion", "autoencoder"),
+    "stage": ("diffusion", "autoencoder", "demo"),
     "autoencoder.kind": ("kl", "vq"),
     "conditioner.kind": ("text", "class", "layout", "sr", "inpaint", "none"),
     "conditioner.text_layer": ("last", "penultimate"),
@@ -405,16 +422,22 @@ def register_configs() -> None:
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
-    """Compose the config as `python -m ldmscale.train OVERRIDES` would, outside Hydra's main."""
+    """Compose the config as `python -m ldmscale.train OVERRIDES` would (also from inside a Hydra app)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
-    GlobalHydra.instance().clear()
+    if GlobalHydra.instance().is_initialized():  # inside @hydra.main: reuse its search path
+        return to_object(hydra_compose(config_name, overrides=list(overrides or [])))
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         composed = hydra_compose(config_name, overrides=list(overrides or []))
     return to_object(composed)
+
+
+def quote_override_value(value: str) -> str:
+    """Quote a string for a Hydra override, so paths with braces, commas or spaces pass through."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

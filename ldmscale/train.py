@@ -233,9 +233,17 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def main(composed: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from ldmscale.launch import launch
 
-    launch(to_object(composed))
+    cfg = to_object(composed)
+    if cfg.stage == "demo":  # the whole pipeline; each of its training steps is an ordinary run
+        from ldmscale.pipeline import run_demo
+
+        run_demo(cfg, list(HydraConfig.get().overrides.task))
+        return
+    launch(cfg)
 
 
 if __name__ == "__main__":
