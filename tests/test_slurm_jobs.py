@@ -58,7 +58,8 @@ def _wait(predicate, timeout: float, what: str, job=None) -> None:
 
 def _overrides(run_dir: Path, cache: Path) -> list[str]:
     return [
-        "launcher=slurm", "launcher.gpus_per_node=0", "launcher.tasks_per_node=2", "launcher.cpus_per_task=1",
+        "stage=diffusion", "launcher=slurm", "launcher.gpus_per_node=0", "launcher.tasks_per_node=2",
+        "launcher.cpus_per_task=1",
         # >= 50 min: below, submitit treats every signal as a timeout (ENVIRONMENT.md pitfalls).
         "launcher.timeout_min=60", "launcher.signal_delay_s=120", "launcher.max_num_timeout=2",
         f"run_dir={run_dir}", f"data.train_shards=[{cache}]", "data.micro_batch_size=8",

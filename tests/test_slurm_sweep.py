@@ -24,7 +24,7 @@ def test_hydra_sweep_over_two_values_is_one_array(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_SILENT="true",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", "/work/.torch_extensions"))
     sweep = tmp_path / "multirun"
-    cmd = [sys.executable, "-m", "ldmscale.train", "-m", "hydra/launcher=submitit_slurm",
+    cmd = [sys.executable, "-m", "ldmscale.train", "-m", "stage=diffusion", "hydra/launcher=submitit_slurm",
            "hydra.launcher.timeout_min=60", "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={sweep}",
            f"data.train_shards=[{cache}]", "data.micro_batch_size=4", "data.global_batch_size=4",
            "trainer.max_steps=2", "trainer.log_every_steps=1", "logger=disabled", "logger.progress_bar=false",
