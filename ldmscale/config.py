@@ -79,6 +79,36 @@ class AutoencoderConfig:
     weights: Optional[str] = None  # a file, diffusers folder, or stage-1 run directory
 
 
+# ---------------------------------------------------------------------------- stage-1 loss
+@dataclass
+class AutoencoderLossConfig:
+    """Stage-1 (autoencoder) training: reconstruction, LPIPS, KL/codebook, PatchGAN and its optimiser."""
+
+    rec_loss: str = "l1"  # l1 | l2
+    perceptual_weight: float = 1.0  # 0: no LPIPS (then no weight files are needed)
+    lpips_vgg_weights: Optional[str] = None  # torchvision vgg16 state dict (.pth / .safetensors)
+    lpips_lin_weights: Optional[str] = None  # lpips package's linear heads (lin0..lin4), e.g. vgg.pth
+    kl_weight: float = 1.0e-6  # KL
+    sum_over_pixels: bool = True  # LDM: per-sample sums; False: per-pixel means (KL scaled alike)
+    logvar_init: float = 0.0
+    learn_logvar: bool = False
+    codebook_weight: float = 1.0  # VQ: codebook + beta * commitment
+    disc_start: int = 50001  # optimizer step at which the discriminator (and the G adversarial term) switch on
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"  # hinge | vanilla
+    adaptive_weight: bool = True  # LDM's grad-norm ratio at the decoder's last layer
+    disc_in_channels: int = 3
+    disc_ndf: int = 64
+    disc_num_layers: int = 3
+    disc_norm: str = "group"  # group | batch | none (group: no per-rank buffers under ZeRO)
+    disc_lr: Optional[float] = None  # None: optim.lr
+    eval_shards: list[str] = field(default_factory=list)  # held-out raw shards for PSNR/SSIM
+    num_eval_samples: int = 64
+    num_grid_samples: int = 8
+    estimate_scale_samples: int = 256  # images used to estimate the latent scale factor at the end
+
+
 # ---------------------------------------------------------------------------- conditioner
 @dataclass
 class ConditionerConfig:
@@ -313,6 +343,7 @@ class Config:
     dry_run: bool = False
     model: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    ae_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
