@@ -79,6 +79,36 @@ class AutoencoderConfig:
     weights: Optional[str] = None  # a file, diffusers folder, or stage-1 run directory
 
 
+# ---------------------------------------------------------------------------- stage-1 loss
+@dataclass
+class AutoencoderLossConfig:
+    """Stage-1 (autoencoder) training: reconstruction, LPIPS, KL/codebook, PatchGAN and its optimiser."""
+
+    rec_loss: str = "l1"  # l1 | l2
+    perceptual_weight: float = 1.0  # 0: no LPIPS (then no weight files are needed)
+    lpips_vgg_weights: Optional[str] = None  # torchvision vgg16 state dict (.pth / .safetensors)
+    lpips_lin_weights: Optional[str] = None  # lpips package's linear heads (lin0..lin4), e.g. vgg.pth
+    kl_weight: float = 1.0e-6  # KL
+    sum_over_pixels: bool = True  # LDM: per-sample sums; False: per-pixel means (KL scaled alike)
+    logvar_init: float = 0.0
+    learn_logvar: bool = False
+    codebook_weight: float = 1.0  # VQ: codebook + beta * commitment
+    disc_start: int = 50001  # optimizer step at which the discriminator (and the G adversarial term) switch on
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"  # hinge | vanilla
+    adaptive_weight: bool = True  # LDM's grad-norm ratio at the decoder's last layer
+    disc_in_channels: int = 3
+    disc_ndf: int = 64
+    disc_num_layers: int = 3
+    disc_norm: str = "group"  # group | batch | none (group: no per-rank buffers under ZeRO)
+    disc_lr: Optional[float] = None  # None: optim.lr
+    eval_shards: list[str] = field(default_factory=list)  # held-out raw shards for PSNR/SSIM
+    num_eval_samples: int = 64
+    num_grid_samples: int = 8
+    estimate_scale_samples: int = 256  # images used to estimate the latent scale factor at the end
+
+
 # ---------------------------------------------------------------------------- conditioner
 @dataclass
 class ConditionerConfig:
@@ -313,6 +343,7 @@ class Config:
     dry_run: bool = False
     model: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    ae_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -396,11 +427,29 @@ def to_object(cfg: DictConfig | Config) -> Config:
     return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
 
 
+def default_run_dir(single: str) -> str:
+    """`run_dir`'s default (`${ldmscale.run_dir:runs/${name}}` in conf/config.yaml): `single` for one
+    run; in a Hydra multirun, each sweep job's own output folder (hydra.sweep.dir/hydra.sweep.subdir),
+    so sweep points never share checkpoints (and resume from each other), while re-running the same
+    sweep resumes every point from its own folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.runtime.get("output_dir"):
+            return str(hydra_cfg.runtime.output_dir)
+    return single
+
+
 def register_configs() -> None:
-    """Register the schema so conf/config.yaml can name it first in its defaults list."""
+    """Register the schema so conf/config.yaml can name it first in its defaults list, and the
+    `ldmscale.run_dir` resolver it uses."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="ldmscale_schema", node=Config)
+    if not OmegaConf.has_resolver("ldmscale.run_dir"):
+        OmegaConf.register_new_resolver("ldmscale.run_dir", default_run_dir)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:

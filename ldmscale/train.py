@@ -136,8 +136,11 @@ def run(cfg: Config) -> None:
         seed_everything(cfg.seed, dist.rank)
         if dist.is_main:
             save_resolved(cfg, cfg.run_dir)
-        if cfg.stage != "diffusion":
-            raise NotImplementedError(f"stage={cfg.stage!r}: the autoencoder task is built by ldmscale.stage1")
+        if cfg.stage == "autoencoder":
+            from ldmscale.stage1 import train_autoencoder
+
+            train_autoencoder(cfg, dist)
+            return
         task, loader, accumulation, flops = build_diffusion_task(cfg, dist)
         engines = task.engines()
         checkpointer = ckpt.Checkpointer(cfg.checkpoint)
