@@ -79,6 +79,36 @@ class AutoencoderConfig:
     weights: Optional[str] = None  # a file, diffusers folder, or stage-1 run directory
 
 
+# ---------------------------------------------------------------------------- stage-1 loss
+@dataclass
+class AutoencoderLossConfig:
+    """Stage-1 (autoencoder) training: reconstruction, LPIPS, KL/codebook, PatchGAN and its optimiser."""
+
+    rec_loss: str = "l1"  # l1 | l2
+    perceptual_weight: float = 1.0  # 0: no LPIPS (then no weight files are needed)
+    lpips_vgg_weights: Optional[str] = None  # torchvision vgg16 state dict (.pth / .safetensors)
+    lpips_lin_weights: Optional[str] = None  # lpips package's linear heads (lin0..lin4), e.g. vgg.pth
+    kl_weight: float = 1.0e-6  # KL
+    sum_over_pixels: bool = True  # LDM: per-sample sums; False: per-pixel means (KL scaled alike)
+    logvar_init: float = 0.0
+    learn_logvar: bool = False
+    codebook_weight: float = 1.0  # VQ: codebook + beta * commitment
+    disc_start: int = 50001  # optimizer step at which the discriminator (and the G adversarial term) switch on
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"  # hinge | vanilla
+    adaptive_weight: bool = True  # LDM's grad-norm ratio at the decoder's last layer
+    disc_in_channels: int = 3
+    disc_ndf: int = 64
+    disc_num_layers: int = 3
+    disc_norm: str = "group"  # group | batch | none (group: no per-rank buffers under ZeRO)
+    disc_lr: Optional[float] = None  # None: optim.lr
+    eval_shards: list[str] = field(default_factory=list)  # held-out raw shards for PSNR/SSIM
+    num_eval_samples: int = 64
+    num_grid_samples: int = 8
+    estimate_scale_samples: int = 256  # images used to estimate the latent scale factor at the end
+
+
 # ---------------------------------------------------------------------------- conditioner
 @dataclass
 class ConditionerConfig:
@@ -287,16 +317,33 @@ class CacheConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """The end-to-end demo (stage=demo): synthetic shards → stage-1 autoencoder → cache → U-Net → eval.
+
+    Each step writes into run_dir and is skipped or resumed when re-run, so Ctrl-C loses nothing.
+    """
+
+    num_train_samples: int = 10000
+    num_val_samples: int = 256
+    shard_size: int = 2500
+    holdout: list[str] = field(default_factory=lambda: ["blue triangle"])  # never trained; reported apart
+    autoencoder_overrides: list[str] = field(default_factory=lambda: ["+experiment=ae_demo"])
+    eval_seeds_per_prompt: int = 2
+    eval_batch_size: int = 72
+
+
+@dataclass
 class Config:
     """The whole run. Public keys are documented in the README."""
 
     name: str = "demo"
     run_dir: str = "runs/${name}"
     seed: int = 0
-    stage: str = "diffusion"  # diffusion (stage 2) | autoencoder (stage 1)
+    stage: str = "diffusion"  # diffusion (stage 2) | autoencoder (stage 1) | demo (the whole pipeline)
     dry_run: bool = False
     model: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    ae_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -308,6 +355,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 class ConfigError(ValueError):
@@ -315,7 +363,7 @@ class ConfigError(ValueError):
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "stage": ("diffusion", "autoencoder"),
+    "stage": ("diffusion", "autoencoder", "demo"),
     "autoencoder.kind": ("kl", "vq"),
     "conditioner.kind": ("text", "class", "layout", "sr", "inpaint", "none"),
     "conditioner.text_layer": ("last", "penultimate"),
@@ -387,16 +435,22 @@ def register_configs() -> None:
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
-    """Compose the config as `python -m ldmscale.train OVERRIDES` would, outside Hydra's main."""
+    """Compose the config as `python -m ldmscale.train OVERRIDES` would (also from inside a Hydra app)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
-    GlobalHydra.instance().clear()
+    if GlobalHydra.instance().is_initialized():  # inside @hydra.main: reuse its search path
+        return to_object(hydra_compose(config_name, overrides=list(overrides or [])))
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         composed = hydra_compose(config_name, overrides=list(overrides or []))
     return to_object(composed)
+
+
+def quote_override_value(value: str) -> str:
+    """Quote a string for a Hydra override, so paths with braces, commas or spaces pass through."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -206,8 +206,11 @@ def run(cfg: Config) -> None:
         seed_everything(cfg.seed, dist.rank)
         if dist.is_main:
             save_resolved(cfg, cfg.run_dir)
-        if cfg.stage != "diffusion":
-            raise NotImplementedError(f"stage={cfg.stage!r}: the autoencoder task is built by ldmscale.stage1")
+        if cfg.stage == "autoencoder":
+            from ldmscale.stage1 import train_autoencoder
+
+            train_autoencoder(cfg, dist)
+            return
         task, loader, accumulation, flops = build_diffusion_task(cfg, dist)
         engines = task.engines()
         checkpointer = ckpt.Checkpointer(cfg.checkpoint)
@@ -233,9 +236,17 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def main(composed: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from ldmscale.launch import launch
 
-    launch(to_object(composed))
+    cfg = to_object(composed)
+    if cfg.stage == "demo":  # the whole pipeline; each of its training steps is an ordinary run
+        from ldmscale.pipeline import run_demo
+
+        run_demo(cfg, list(HydraConfig.get().overrides.task))
+        return
+    launch(cfg)
 
 
 if __name__ == "__main__":

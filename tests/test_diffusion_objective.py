@@ -73,11 +73,16 @@ def test_min_snr_weights_formula():
 
 
 def test_min_snr_finite_with_zero_terminal_snr():
-    cfg = _cfg(weighting="min_snr")
+    cfg = _cfg(weighting="min_snr", prediction_type="v")
     cfg.schedule.zero_terminal_snr = True
     objective = DiffusionObjective(cfg)
     weights = objective.weights(torch.tensor([0, 999]))
-    assert torch.isfinite(weights).all() and weights[1] == 1.0
+    assert torch.isfinite(weights).all() and weights[1] == 0.0  # v at SNR 0: min(0, g) / (0 + 1)
+    eps_weights = min_snr_weights(objective.schedule.snr[torch.tensor([0, 999])], 5.0, "eps")
+    assert torch.isfinite(eps_weights).all() and eps_weights[1] == 1.0
+    cfg.prediction_type = "eps"
+    with pytest.raises(ValueError, match="zero_terminal_snr=true needs diffusion.prediction_type"):
+        DiffusionObjective(cfg)
 
 
 def test_deterministic_under_generator():

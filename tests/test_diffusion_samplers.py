@@ -44,15 +44,16 @@ class FixedModel:
         return out.float()
 
 
-def _diffusers_scheduler(sampler, cfg: ScheduleConfig, prediction_type, spacing, karras):
-    common = dict(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+def _diffusers_scheduler(sampler, cfg: ScheduleConfig, prediction_type, spacing, karras, steps_offset=0,
+                         set_alpha_to_one=True):
+    common = dict(steps_offset=steps_offset, num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
                   beta_end=cfg.beta_end, beta_schedule=OURS_TO_DIFFUSERS_BETA[cfg.beta_schedule],
                   prediction_type=OURS_TO_DIFFUSERS_PRED[prediction_type], timestep_spacing=spacing,
                   rescale_betas_zero_snr=cfg.zero_terminal_snr)
     if sampler == "ddpm":
         return diffusers.DDPMScheduler(**common, clip_sample=False, variance_type="fixed_small")
     if sampler == "ddim":
-        return diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
+        return diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=set_alpha_to_one)
     if sampler == "dpmpp_2m":
         return diffusers.DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
                                                       use_karras_sigmas=karras)
@@ -75,18 +76,19 @@ def _run_diffusers(scheduler, model, x_T, num_steps, eta, seed, init_scale):
     return latents
 
 
-def _compare(sampler, cfg, prediction_type, *, spacing="leading", karras=False, eta=0.0, num_steps=10):
+def _compare(sampler, cfg, prediction_type, *, spacing="leading", karras=False, eta=0.0, num_steps=10,
+             **options):
     torch.manual_seed(0)
     x_T = torch.randn(2, 4, 8, 8)
     ours_model, ref_model = FixedModel(), FixedModel()
     seed = 1234
     ours = sample(ours_model, x_T, sampler=sampler, num_steps=num_steps, schedule=cfg,
                   prediction_type=prediction_type, eta=eta, generator=torch.Generator().manual_seed(seed),
-                  timestep_spacing=spacing, karras_sigmas=karras)
+                  timestep_spacing=spacing, karras_sigmas=karras, **options)
     run = build_sampler(sampler, num_steps=num_steps, schedule=cfg, prediction_type=prediction_type,
-                        eta=eta, timestep_spacing=spacing, karras_sigmas=karras)
+                        eta=eta, timestep_spacing=spacing, karras_sigmas=karras, **options)
     init_scale = run.init(torch.ones(())).item()  # the VP -> sampler-space factor (Euler: sqrt(1+sigma^2))
-    scheduler = _diffusers_scheduler(sampler, cfg, prediction_type, spacing, karras)
+    scheduler = _diffusers_scheduler(sampler, cfg, prediction_type, spacing, karras, **options)
     ref = _run_diffusers(scheduler, ref_model, x_T, num_steps, eta, seed, init_scale)
 
     assert len(ours_model.calls) == len(ref_model.calls) == len(scheduler.timesteps)
@@ -132,6 +134,14 @@ def test_matches_diffusers_zero_terminal_snr_v(sampler):
 def test_euler_karras_matches_diffusers():
     _compare("euler", SD, "eps", karras=True)
     _compare("euler", SD, "v", karras=True, spacing="trailing")
+
+
+def test_stable_diffusion_scheduler_options_match_diffusers():
+    """SD ships DDIM/PNDM configs with steps_offset=1 and set_alpha_to_one=False."""
+    _compare("ddim", SD, "eps", steps_offset=1, set_alpha_to_one=False)
+    _compare("ddim", SD, "v", eta=1.0, steps_offset=1, set_alpha_to_one=False)
+    for sampler in ("ddpm", "dpmpp_2m", "euler", "euler_a"):
+        _compare(sampler, SD, "eps", steps_offset=1)
 
 
 def test_x0_prediction_matches_diffusers():
@@ -253,3 +263,19 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="one per sample"):
         sample(model, torch.randn(3, 4, 4, 4), sampler="ddpm", num_steps=2, schedule=SD,
                prediction_type="eps", generator=generators_for_seeds([1, 2]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_cuda_sampling_matches_cpu_with_cpu_generators(sampler):
+    """CPU generators make the noise device-independent: the same seeds give the same latents on GPU."""
+    model = FixedModel()
+    gens = lambda: generators_for_seeds([1, 2])  # noqa: E731
+    x_T = randn((2, 4, 8, 8), gens())
+    kw = dict(sampler=sampler, num_steps=8, schedule=SD, prediction_type="eps")
+    cpu = sample(model, x_T, generator=gens(), **kw)
+    gpu_model = FixedModel()
+    gpu_model.mix, gpu_model.conv, gpu_model.bias = (p.cuda() for p in (model.mix, model.conv, model.bias))
+    cuda = sample(gpu_model, x_T.cuda(), generator=gens(), **kw)
+    torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-4, rtol=1e-4)

@@ -28,7 +28,7 @@ def test_two_rank_zero2_run_logs_metrics_wandb_and_samples(tmp_path):
     cache = make_cached_shards(tmp_path)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
-           "-m", "ldmscale.train", f"data.train_shards=[{cache}]", "data.micro_batch_size=8",
+           "-m", "ldmscale.train", "stage=diffusion", f"data.train_shards=[{cache}]", "data.micro_batch_size=8",
            "data.global_batch_size=16", "trainer.max_steps=6", "trainer.log_every_steps=1",
            "trainer.sample_every_steps=6", "trainer.sample_steps=4", "checkpoint.every_steps=3",
            "deepspeed.zero_stage=2", f"run_dir={run_dir}", "logger.wandb_mode=offline", "optim.lr=1e-3",

@@ -68,7 +68,11 @@ def build_encoders(ae_cfg: Any, cond_cfg: Any, device: str | torch.device = "cpu
     from ldmscale.models.autoencoder import build_autoencoder
 
     device = torch.device(device) if isinstance(device, str) else device
-    autoencoder = build_autoencoder(ae_cfg).eval().requires_grad_(False).to(device)
+    # Without trained weights the init is seeded, so every worker process (and a later re-run)
+    # encodes with the same network and the per-shard fingerprints agree.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        autoencoder = build_autoencoder(ae_cfg).eval().requires_grad_(False).to(device)
     text_encoder = None
     if cond_cfg.kind == "text":
         from ldmscale.models.conditioners import build_text_encoder

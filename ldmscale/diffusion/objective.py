@@ -48,6 +48,10 @@ class DiffusionObjective:
                 raise ValueError(f"{key}={value!r} is not one of {list(choices)}")
         if cfg.weighting == "min_snr" and cfg.min_snr_gamma <= 0:
             raise ValueError(f"diffusion.min_snr_gamma={cfg.min_snr_gamma} must be > 0")
+        if cfg.schedule.zero_terminal_snr and cfg.prediction_type == "eps":
+            # At SNR 0 the input carries no signal, so eps cannot give x0 (Lin et al. 2023, sec. 3.2).
+            raise ValueError("diffusion.schedule.zero_terminal_snr=true needs diffusion.prediction_type "
+                             "'v' or 'x0', not 'eps'")
         if cfg.timestep_sampling == "logit_normal" and cfg.logit_std <= 0:
             raise ValueError(f"diffusion.logit_std={cfg.logit_std} must be > 0")
         self.cfg = cfg

@@ -192,10 +192,17 @@ class DDPMSampler(_Sampler):
 class DDIMSampler(_Sampler):
     """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like."""
 
-    def __init__(self, schedule, timesteps, prediction_type, eta: float = 0.0):
+    def __init__(self, schedule, timesteps, prediction_type, eta: float = 0.0, set_alpha_to_one: bool = True):
         super().__init__(schedule, timesteps, prediction_type)
         self.eta = eta
         self.stochastic = eta > 0
+        # The last step goes to alpha_bar = 1 (a clean sample), or, as SD's scheduler config has it
+        # (set_alpha_to_one=False), to alpha_bar_0 of the training schedule.
+        self.final_alpha = self.one if set_alpha_to_one else self.alphas_cumprod[0]
+
+    def _alpha_prev(self, i: int) -> Tensor:
+        prev = int(self.timesteps[i + 1]) if i + 1 < self.num_steps else -1
+        return self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha
 
     def step(self, state, i, out, generator):
         a_t, a_prev = self.alphas_cumprod[int(self.timesteps[i])], self._alpha_prev(i)
@@ -306,7 +313,7 @@ SAMPLERS: dict[str, type[_Sampler]] = {
 
 def build_sampler(sampler: str, *, num_steps: int, schedule: Schedule | ScheduleConfig,
                   prediction_type: str, eta: float = 0.0, timestep_spacing: str = "leading",
-                  karras_sigmas: bool = False, steps_offset: int = 0) -> _Sampler:
+                  karras_sigmas: bool = False, steps_offset: int = 0, set_alpha_to_one: bool = True) -> _Sampler:
     """Validate the arguments and lay out the timestep/sigma grid of one sampling run."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
@@ -331,7 +338,7 @@ def build_sampler(sampler: str, *, num_steps: int, schedule: Schedule | Schedule
     if timesteps.max() >= T or timesteps.min() < 0:
         raise ValueError(f"steps_offset={steps_offset} puts timesteps outside [0, {T})")
     if sampler == "ddim":
-        return DDIMSampler(schedule, timesteps, prediction_type, eta)
+        return DDIMSampler(schedule, timesteps, prediction_type, eta, set_alpha_to_one)
     if sampler == "ddpm":
         return DDPMSampler(schedule, timesteps, prediction_type)
     timesteps, sigmas = _sigma_plan(sampler, schedule, timesteps, num_steps, karras_sigmas)
@@ -341,13 +348,14 @@ def build_sampler(sampler: str, *, num_steps: int, schedule: Schedule | Schedule
 def sample(model_fn: ModelFn, x_T: Tensor, *, sampler: str, num_steps: int,
            schedule: Schedule | ScheduleConfig, prediction_type: str, eta: float = 0.0,
            generator: Generators = None, timestep_spacing: str = "leading", karras_sigmas: bool = False,
-           steps_offset: int = 0, inpaint_mask: Optional[Tensor] = None,
+           steps_offset: int = 0, set_alpha_to_one: bool = True, inpaint_mask: Optional[Tensor] = None,
            inpaint_latents: Optional[Tensor] = None,
            callback: Optional[Callable[[int, Tensor, Tensor], None]] = None,
            progress: bool = False) -> Tensor:
     """Run the reverse process from x_T ~ N(0, I) to x_0 (float32, same shape; any latent size).
 
     generator: one generator, or one per sample (then sample i depends on generator i only).
+    steps_offset / set_alpha_to_one: diffusers' options of the same names ("leading" grids; DDIM's last step).
     inpaint_mask [B,1,h,w] (1 = generate, 0 = keep) with inpaint_latents [B,C,h,w]: after every step the
     kept region is replaced by inpaint_latents noised to the new level with x_T's noise (RePaint-style
     blending, Lugmayr et al. 2022, without resampling); the last step keeps it exactly. Models trained
@@ -356,7 +364,7 @@ def sample(model_fn: ModelFn, x_T: Tensor, *, sampler: str, num_steps: int,
     """
     run = build_sampler(sampler, num_steps=num_steps, schedule=schedule, prediction_type=prediction_type,
                         eta=eta, timestep_spacing=timestep_spacing, karras_sigmas=karras_sigmas,
-                        steps_offset=steps_offset)
+                        steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one)
     if (inpaint_mask is None) != (inpaint_latents is None):
         raise ValueError("inpainting needs both inpaint_mask and inpaint_latents")
     batch_size = x_T.shape[0]

@@ -406,7 +406,12 @@ def load_unet(path: str | Path, **overrides: Any) -> UNet:
     return model.eval()
 
 
+STAGE1_EXPORT = "autoencoder"  # a stage-1 run directory keeps its export here (ldmscale.stage1)
+
+
 def _read_autoencoder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    if path.is_dir() and (path / STAGE1_EXPORT / OUR_CONFIG).is_file():
+        path = path / STAGE1_EXPORT  # `autoencoder.weights=<stage-1 run dir>`
     if path.is_dir():
         if ours := _ours_dir(path, "autoencoder"):
             meta = json.loads((ours / OUR_CONFIG).read_text())

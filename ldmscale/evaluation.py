@@ -1,0 +1,85 @@
+"""Reconstruction metrics for stage 1: PSNR, SSIM, VQ codebook usage/perplexity, image grids as PNG.
+
+Pure tensor functions on pixels in [-1, 1] (data range 2); callers reduce across ranks themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DATA_RANGE = 2.0  # pixels live in [-1, 1]
+
+
+def psnr(pixels: torch.Tensor, recon: torch.Tensor, data_range: float = DATA_RANGE) -> torch.Tensor:
+    """Per-image PSNR in dB [B]; reconstructions are clamped to the valid range, as when saved as images."""
+    recon = recon.float().clamp(-data_range / 2, data_range / 2)
+    mse = (pixels.float() - recon).pow(2).flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g)  # [size, size], sums to 1
+
+
+def ssim(pixels: torch.Tensor, recon: torch.Tensor, data_range: float = DATA_RANGE,
+         window_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Per-image SSIM [B] (Wang et al. 2004): 11x11 Gaussian window (σ=1.5), 'valid' positions only,
+    population (co)variances, averaged over channels and positions (as skimage with gaussian_weights)."""
+    x, y = pixels.double(), recon.double().clamp(-data_range / 2, data_range / 2)
+    channels = x.shape[1]
+    window = gaussian_window(window_size, sigma).to(x.device)
+    window = window.expand(channels, 1, window_size, window_size).contiguous()
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=channels)  # depthwise, valid
+
+    mu_x, mu_y = filt(x), filt(y)
+    var_x = filt(x * x) - mu_x**2
+    var_y = filt(y * y) - mu_y**2
+    cov = filt(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(dim=1).float()
+
+
+def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
+    """Usage (fraction of codes hit at least once) and perplexity exp(H(p)) of VQ code indices."""
+    counts = torch.bincount(indices.flatten().long(), minlength=codebook_size).double()
+    return codebook_stats_from_counts(counts)
+
+
+def codebook_stats_from_counts(counts: torch.Tensor) -> dict[str, float]:
+    """As `codebook_stats`, from per-code hit counts (which sum across ranks)."""
+    counts = counts.double()
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return {"codebook_usage": float((counts > 0).double().mean()), "codebook_perplexity": float(entropy.exp())}
+
+
+def make_grid(rows: list[torch.Tensor], padding: int = 2) -> torch.Tensor:
+    """Stack image rows ([N,3,H,W] each, in [-1,1]) into one uint8 [H', W', 3] grid (rows top to bottom)."""
+    from torchvision.utils import make_grid as tv_make_grid
+
+    n = rows[0].shape[0]
+    images = torch.cat([r.detach().float().cpu().clamp(-1, 1) for r in rows])
+    grid = tv_make_grid((images + 1) / 2, nrow=n, padding=padding, pad_value=1.0)
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def save_grid(rows: list[torch.Tensor], path: str | Path) -> Path:
+    """Write the grid as PNG atomically (a temporary name, then rename)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(make_grid(rows).numpy()).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+

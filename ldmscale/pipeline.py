@@ -1,0 +1,169 @@
+"""The CPU demo end to end (stage=demo): synthetic shards → stage-1 autoencoder → latent cache → U-Net → eval.
+
+Every step is an ordinary ldmscale job on files in run_dir, composed from the same overrides the demo was
+started with, so each can also be run on its own. A finished step leaves a marker and is skipped; a
+training step that was interrupted resumes from its latest checkpoint. Re-running the command continues.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldmscale.config import Config, compose, quote_override_value
+
+
+def _list_override(key: str, values: list[str]) -> str:
+    return f"{key}=[{','.join(quote_override_value(v) for v in values)}]"
+
+
+def _child(cfg: Config) -> None:
+    from ldmscale.train import run
+
+    run(cfg)
+
+
+def run_in_child(cfg: Config, what: str) -> None:
+    """Run a training job in a fresh process: DeepSpeed and the process group start clean each time."""
+    process = multiprocessing.get_context("spawn").Process(target=_child, args=(cfg,), name=what)
+    process.start()
+    try:
+        process.join()
+    except KeyboardInterrupt:  # the child got the same Ctrl-C and saves nothing half-done
+        process.join()
+        raise
+    if process.exitcode != 0:
+        raise RuntimeError(f"{what} failed (exit code {process.exitcode}); re-run the same command to resume")
+
+
+class Pipeline:
+    """The demo's steps in order; each step is skipped once its marker exists."""
+
+    def __init__(self, cfg: Config, overrides: list[str]):
+        self.cfg = cfg
+        self.overrides = [o for o in overrides if not o.startswith(("stage=", "+experiment="))]
+        self.root = Path(cfg.run_dir)
+        self.train_dir = self.root / "data" / "train"
+        self.val_dir = self.root / "data" / "val"
+        self.ae_dir = self.root / "autoencoder"
+        self.cache_dir = self.root / "cache"
+        self.unet_dir = self.root / "unet"
+
+    def steps(self) -> list[tuple[str, Callable[[], None]]]:
+        return [("synthetic shards", self.make_shards), ("stage 1: autoencoder", self.train_autoencoder),
+                ("latent + text cache", self.cache), ("stage 2: U-Net", self.train_unet),
+                ("samples + prompt adherence", self.evaluate)]
+
+    def run(self) -> dict[str, Any]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        timings = {}
+        for number, (name, step) in enumerate(self.steps(), 1):
+            marker = self.root / f".done-{number}"
+            if marker.exists():
+                print(f"[demo] {number}/5 {name}: done earlier, skipped", flush=True)
+                continue
+            print(f"[demo] {number}/5 {name}", flush=True)
+            start = time.perf_counter()
+            step()
+            timings[name] = round(time.perf_counter() - start, 1)
+            marker.write_text(json.dumps({"seconds": timings[name]}))
+        return timings
+
+    # ------------------------------------------------------------------------ steps
+    def make_shards(self) -> None:
+        from ldmscale.data.synthetic import write_shards
+
+        p, res = self.cfg.pipeline, self.cfg.data.resolution
+        write_shards(self.train_dir, p.num_train_samples, res, p.shard_size, seed=self.cfg.seed, holdout=p.holdout)
+        # Held-out images for stage-1 PSNR come from another index range of the same generator.
+        write_shards(self.val_dir, p.num_val_samples, res, p.shard_size, seed=self.cfg.seed, start_index=10**8)
+
+    def train_shards(self) -> list[str]:
+        return [str(p) for p in sorted(self.train_dir.glob("*.tar"))]
+
+    def autoencoder_config(self) -> Config:
+        return compose([*self.cfg.pipeline.autoencoder_overrides, *self.overrides, "stage=autoencoder",
+                        f"run_dir={quote_override_value(str(self.ae_dir))}",
+                        _list_override("data.train_shards", self.train_shards()),
+                        _list_override("ae_loss.eval_shards", [str(p) for p in sorted(self.val_dir.glob("*.tar"))])])
+
+    def train_autoencoder(self) -> None:
+        run_in_child(self.autoencoder_config(), "stage-1 autoencoder training")
+
+    def cache(self) -> None:
+        from dataclasses import replace
+
+        from ldmscale.data.cache import run_cache_job
+
+        cfg = self.cfg
+        cache_cfg = replace(cfg.cache, input=" ".join(self.train_shards()), output=str(self.cache_dir))
+        ae_cfg = replace(cfg.autoencoder, weights=str(self.ae_dir))
+        run_cache_job(cfg.data, cfg.conditioner, ae_cfg, cache_cfg, seed=cfg.seed)
+
+    def unet_config(self) -> Config:
+        from ldmscale.data.cache import expected_scale
+
+        manifest = json.loads((self.cache_dir / "manifest.json").read_text())
+        scale, shift = expected_scale(manifest)
+        cached = [str(p) for p in sorted(self.cache_dir.glob("*.tar"))]
+        return compose([*self.overrides, "stage=diffusion", f"run_dir={quote_override_value(str(self.unet_dir))}",
+                        "data.kind=cached", _list_override("data.train_shards", cached),
+                        f"autoencoder.weights={quote_override_value(str(self.ae_dir))}",
+                        f"autoencoder.scale_factor={scale}", f"autoencoder.shift_factor={shift}"])
+
+    def train_unet(self) -> None:
+        run_in_child(self.unet_config(), "stage-2 U-Net training")
+
+    def evaluate(self) -> dict[str, Any]:
+        """Sample every evaluation prompt with fixed seeds from the EMA weights; score adherence."""
+        from ldmscale.data.synthetic import eval_prompts, score_adherence
+        from ldmscale.sample import generate_from_run
+
+        p = self.cfg.pipeline
+        asked = [prompt for prompt in eval_prompts() for _ in range(p.eval_seeds_per_prompt)]
+        captions = [f"a {c} {s} in the {pos}" for c, s, pos in asked]
+        seeds = list(range(len(captions)))
+        images = generate_from_run(self.unet_dir, captions, seeds=seeds, batch_size=p.eval_batch_size)
+        scores = score_adherence([np.asarray(im) for im in images], asked, holdout=p.holdout)
+        grid_path = self.root / "samples.png"
+        save_grid(images[:: p.eval_seeds_per_prompt], grid_path, columns=12)
+        scores["grid"] = str(grid_path)
+        (self.root / "eval.json").write_text(json.dumps(scores, indent=2))
+        print_scores(scores)
+        return scores
+
+
+def save_grid(images: list[Any], path: Path, columns: int) -> None:
+    from PIL import Image
+
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    grid.save(path)
+
+
+def print_scores(scores: dict[str, Any]) -> None:
+    chance = scores["chance"]
+    held = scores["held_out"]
+    print(f"[demo] prompt adherence on {scores['num_images']} generated images "
+          f"(chance in brackets):\n"
+          f"  colour   {scores['colour']:.1%}  ({chance['colour']:.0%})\n"
+          f"  shape    {scores['shape']:.1%}  ({chance['shape']:.0%})\n"
+          f"  position {scores['position']:.1%}  ({chance['position']:.0%})\n"
+          f"  held-out pair(s) {', '.join(scores['held_out_pairs']) or '-'}: "
+          + ", ".join(f"{k} {v:.0%}" for k, v in held.items() if v is not None), flush=True)
+
+
+def run_demo(cfg: Config, overrides: list[str]) -> dict[str, Any]:
+    timings = Pipeline(cfg, overrides).run()
+    print(f"[demo] finished; step times (s): {timings}. Results in {cfg.run_dir}/eval.json, "
+          f"{cfg.run_dir}/samples.png", flush=True)
+    return timings

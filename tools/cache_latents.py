@@ -1,0 +1,54 @@
+"""Cache autoencoder moments and text embeddings of raw WebDataset shards (one output shard per input).
+
+    python tools/cache_latents.py +experiment=NAME cache.input='/data/raw-{000000..000099}.tar' \\
+        cache.output=/data/cache cache.num_workers=4
+
+Composed by Hydra from the same conf/ as training, so encoder and data settings cannot drift.
+Re-running skips complete shards; the exit status is non-zero when cache.max_failure_rate is exceeded.
+For SLURM arrays, call ldmscale.data.cache.cache_shard per shard and assemble_manifest at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from ldmscale.config import CONF_DIR, register_configs, to_object  # noqa: E402
+
+
+def quote_url_overrides(argv: list[str]) -> list[str]:
+    """Hydra's grammar reads `{...}` as a dict: quote brace/glob URL values so they pass through."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") in ("cache.input", "cache.output") and value[:1] not in "'\"" \
+                and any(ch in value for ch in "{}*?[], "):
+            value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            arg = f"{key}={value}"
+        out.append(arg)
+    return out
+
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+def main(composed: DictConfig) -> None:
+    from ldmscale.data.cache import CacheJobError, run_cache_job
+
+    cfg = to_object(composed)
+    try:
+        run_cache_job(cfg.data, cfg.conditioner, cfg.autoencoder, cfg.cache, seed=cfg.seed)
+    except CacheJobError as exc:
+        print(f"[cache] FAILED: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *quote_url_overrides(sys.argv[1:]), "hydra.run.dir=.", "hydra.output_subdir=null"]
+    main()
