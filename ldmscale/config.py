@@ -427,11 +427,29 @@ def to_object(cfg: DictConfig | Config) -> Config:
     return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
 
 
+def default_run_dir(single: str) -> str:
+    """`run_dir`'s default (`${ldmscale.run_dir:runs/${name}}` in conf/config.yaml): `single` for one
+    run; in a Hydra multirun, each sweep job's own output folder (hydra.sweep.dir/hydra.sweep.subdir),
+    so sweep points never share checkpoints (and resume from each other), while re-running the same
+    sweep resumes every point from its own folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.runtime.get("output_dir"):
+            return str(hydra_cfg.runtime.output_dir)
+    return single
+
+
 def register_configs() -> None:
-    """Register the schema so conf/config.yaml can name it first in its defaults list."""
+    """Register the schema so conf/config.yaml can name it first in its defaults list, and the
+    `ldmscale.run_dir` resolver it uses."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="ldmscale_schema", node=Config)
+    if not OmegaConf.has_resolver("ldmscale.run_dir"):
+        OmegaConf.register_new_resolver("ldmscale.run_dir", default_run_dir)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:

@@ -47,6 +47,15 @@ def test_submitit_label_and_same_rendezvous():
     assert 20000 <= dist.master_port < 30000
 
 
+def test_array_tasks_on_one_node_get_their_own_ports():
+    # Sweep points are array tasks of one array job and may share a node: one port each.
+    base = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n1",
+            "SLURM_ARRAY_JOB_ID": "40"}
+    ports = {detect(dict(base, SLURM_JOB_ID=job, SLURM_ARRAY_TASK_ID=task), ["x"]).master_port
+             for job, task in (("40", "0"), ("41", "1"))}
+    assert len(ports) == 2
+
+
 @pytest.mark.parametrize(
     "nodelist, hosts",
     [("a1", ["a1"]), ("gpu[01-03]", ["gpu01", "gpu02", "gpu03"]),

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
+import submitit
 
 from ldmscale.config import compose
 from ldmscale.data.cache import run_cache_job
@@ -27,6 +30,17 @@ def _strip_timings(manifest: dict) -> dict:
     return data
 
 
+def _submit_cli(*overrides: str) -> re.Match:
+    """`tools/cache_latents.py ... launcher=slurm`: submits, prints the array and returns at once."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "cache_latents.py"), *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    described = re.search(r"submitted cache array (\S+): (\d+) tasks \((\d+) shards already complete, "
+                          r"skipped\); manifest job (\d+) runs after them", proc.stdout)
+    assert described, proc.stdout
+    return described
+
+
 def test_cache_array_matches_local_and_resubmission_skips(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -34,16 +48,18 @@ def test_cache_array_matches_local_and_resubmission_skips(tmp_path, monkeypatch)
     base = [f"cache.input={tmp_path}/raw", "cache.progress=false", "cache.device=cpu", "data.resolution=32"]
 
     local_cfg = compose([*base, f"cache.output={tmp_path}/local"])
-    torch.manual_seed(local_cfg.seed)
     local = run_cache_job(local_cfg.data, local_cfg.conditioner, local_cfg.autoencoder, local_cfg.cache,
                           seed=local_cfg.seed)
 
-    cfg = compose([*base, f"cache.output={tmp_path}/slurm", "launcher=slurm", "launcher.gpus_per_node=0",
-                   "launcher.cpus_per_task=1", "launcher.shards_per_task=2", "launcher.array_parallelism=2",
-                   "launcher.timeout_min=10", f"launcher.folder={tmp_path}/logs"])
-    array = submit_cache_array(cfg)
-    assert len(array.tasks) == 3 and len({j.job_id.split("_")[0] for j in array.tasks}) == 1  # ONE array
-    manifest = array.wait()
+    logs = tmp_path / "logs"
+    slurm = [*base, f"cache.output={tmp_path}/slurm", "launcher=slurm", "launcher.gpus_per_node=0",
+             "launcher.cpus_per_task=1", "launcher.shards_per_task=2", "launcher.array_parallelism=2",
+             "launcher.timeout_min=60", f"launcher.folder={logs}"]
+    first = _submit_cli(*slurm)
+    assert not (tmp_path / "slurm" / "manifest.json").exists()  # returned without waiting for the array
+    array_id, tasks, skipped, manifest_job = first.groups()
+    assert array_id.endswith("_[0-2]") and (tasks, skipped) == ("3", "0")  # ONE array of 3 tasks (2+2+1)
+    manifest = submitit.SlurmJob(logs, manifest_job).result()
     assert _strip_timings(manifest) == _strip_timings(local)
     for shard in local["shards"]:
         name = shard["name"]
@@ -52,6 +68,7 @@ def test_cache_array_matches_local_and_resubmission_skips(tmp_path, monkeypatch)
 
     # Lose one shard's output: re-submitting runs one task for it alone and rebuilds the manifest.
     os.unlink(tmp_path / "slurm" / "shapes-000003.tar")
+    cfg = compose(slurm)
     again = submit_cache_array(cfg)
     assert again.skipped_shards == 4 and len(again.tasks) == 1
     assert _strip_timings(again.wait())["shards"][3]["name"] == "shapes-000003.tar"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ldmscale.config import ConfigError, compose
+from ldmscale.launch.cache_array import array_task_launcher
 from ldmscale.launch.slurm import build_executor, executor_parameters
 
 
@@ -55,3 +56,12 @@ def test_sbatch_script_carries_every_setting(tmp_path):
 def test_bad_launcher_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         compose([override])
+
+
+def test_cache_array_task_is_one_process_with_at_most_one_gpu():
+    cfg = compose(["launcher=slurm", "launcher.nodes=4", "launcher.cpus_per_task=6"])  # training: 8 GPUs/node
+    params = executor_parameters(array_task_launcher(cfg.launcher))
+    assert (params["nodes"], params["ntasks_per_node"], params["gpus_per_node"]) == (1, 1, 1)
+    assert params["cpus_per_task"] == 6  # data-loading workers keep their CPUs
+    cpu_only = executor_parameters(array_task_launcher(compose(["launcher=slurm", "launcher.gpus_per_node=0"]).launcher))
+    assert "gpus_per_node" not in cpu_only and cpu_only["ntasks_per_node"] == 1

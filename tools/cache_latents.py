@@ -5,7 +5,14 @@
 
 Composed by Hydra from the same conf/ as training, so encoder and data settings cannot drift.
 Re-running skips complete shards; the exit status is non-zero when cache.max_failure_rate is exceeded.
-For SLURM arrays, call ldmscale.data.cache.cache_shard per shard and assemble_manifest at the end.
+
+With `launcher=slurm` it submits a SLURM array instead (ldmscale/launch/cache_array.py): one task per
+`launcher.shards_per_task` input shards, at most `launcher.array_parallelism` at once, plus a job that
+writes manifest.json after them; it prints the array id and log paths and returns. Re-submitting
+the same command redoes only the shards that are not complete.
+
+    python tools/cache_latents.py cache.input=... cache.output=... launcher=slurm \
+        launcher.gpus_per_node=1 launcher.shards_per_task=4 launcher.array_parallelism=32
 """
 
 from __future__ import annotations
@@ -40,11 +47,17 @@ register_configs()
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def main(composed: DictConfig) -> None:
     from ldmscale.data.cache import CacheJobError, run_cache_job
+    from ldmscale.launch.slurm import SubmissionError
 
     cfg = to_object(composed)
     try:
+        if cfg.launcher.kind == "slurm":
+            from ldmscale.launch.cache_array import submit_cache_array
+
+            print(submit_cache_array(cfg).describe(), flush=True)
+            return
         run_cache_job(cfg.data, cfg.conditioner, cfg.autoencoder, cfg.cache, seed=cfg.seed)
-    except CacheJobError as exc:
+    except (CacheJobError, SubmissionError) as exc:
         print(f"[cache] FAILED: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -102,8 +102,9 @@ def detect(environ: Mapping[str, str] | None = None, argv: list[str] | None = No
         local_world_size = int(get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or max(1, world_size // nodes)
         hosts = expand_nodelist(get("SLURM_JOB_NODELIST", get("SLURM_NODELIST", "127.0.0.1")))
         master_addr = get("MASTER_ADDR", hosts[0] if hosts else "127.0.0.1")
-        job_id = get("SLURM_ARRAY_JOB_ID", get("SLURM_JOB_ID", "0"))
-        master_port = int(get("MASTER_PORT", port_from_job_id(job_id)))
+        # SLURM_JOB_ID, not SLURM_ARRAY_JOB_ID: array tasks (sweep points) sharing a node need their
+        # own ports, and every task of one array element shares its SLURM_JOB_ID.
+        master_port = int(get("MASTER_PORT", port_from_job_id(get("SLURM_JOB_ID", "0"))))
     elif launcher == "python":
         rank, world_size, local_rank, local_world_size = 0, 1, 0, 1
         master_addr = get("MASTER_ADDR", "127.0.0.1")

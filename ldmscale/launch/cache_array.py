@@ -14,19 +14,17 @@ from typing import Any
 
 import submitit
 
-from ldmscale.config import Config
+from ldmscale.config import Config, LauncherConfig
 from ldmscale.launch.slurm import build_executor, submit
 
 
 def cache_shards(cfg: Config, urls: list[str]) -> list[dict[str, Any]]:
     """One array task: cache `urls` into cfg.cache.output; returns their shard results."""
-    import torch
     from tqdm import tqdm
 
     from ldmscale.data.cache import CacheSpec, build_encoders, cache_shard, resolve_device
 
-    # Encoders without a weights file are random: every task must draw the same ones.
-    torch.manual_seed(cfg.seed)
+    # build_encoders seeds a random init itself: every task encodes with the same networks.
     encoders = build_encoders(cfg.autoencoder, cfg.conditioner, resolve_device(cfg.cache.device))
     spec = CacheSpec.build(cfg.data, cfg.conditioner, cfg.autoencoder, cfg.cache, encoders, cfg.seed)
     results = []
@@ -71,16 +69,24 @@ class CacheArray:
         return self.manifest_job.result()
 
 
+def array_task_launcher(cfg: LauncherConfig) -> LauncherConfig:
+    """What one cache array task asks for: ONE process on one node with at most one GPU (cache.device),
+    never training's one task per GPU, which would run each task's shards several times over."""
+    return dataclasses.replace(cfg, folder=str(Path(cfg.folder).absolute()), nodes=1, tasks_per_node=1,
+                               gpus_per_node=min(1, cfg.gpus_per_node))
+
+
 def submit_cache_array(cfg: Config) -> CacheArray:
     """Submit the cache job as an array over groups of `launcher.shards_per_task` input shards,
-    at most `launcher.array_parallelism` running at once, plus the manifest job after them."""
+    at most `launcher.array_parallelism` running at once, plus the manifest job after them.
+    Each array task is one process with at most one GPU (`launcher.gpus_per_node` > 0 → 1)."""
     from ldmscale.data.cache import CacheJobError, is_complete
     from ldmscale.data.shards import expand_urls, shard_name
 
     if not cfg.cache.input or not cfg.cache.output:
         raise CacheJobError("cache.input and cache.output must both be set")
     output = str(Path(cfg.cache.output).absolute())
-    launcher = dataclasses.replace(cfg.launcher, folder=str(Path(cfg.launcher.folder).absolute()))
+    launcher = array_task_launcher(cfg.launcher)
     cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, output=output), launcher=launcher)
     Path(output).mkdir(parents=True, exist_ok=True)
     urls = expand_urls(cfg.cache.input)

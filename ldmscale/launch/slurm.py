@@ -108,19 +108,15 @@ class _StopOnSignal:
 class TrainingJob(Checkpointable):
     """The submitted callable: run the training entry point; on a stop signal save and requeue."""
 
-    def __init__(self, cfg: Config, entry: Callable[[Config], Any] | None = None) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        # `entry` exists for the launcher's own tests; every real job runs ldmscale.train.run.
-        self.entry = entry
 
     def __call__(self) -> Any:
         from ldmscale.distributed import env
+        from ldmscale.train import run
 
-        entry = self.entry
-        if entry is None:
-            from ldmscale.train import run as entry
         with _StopOnSignal() as stop:
-            result = entry(self.cfg)
+            result = run(self.cfg)
         if stop.received:
             env.teardown()  # every rank leaves the process group before task 0 requeues the job
             stop.requeue()  # task 0 does not return from here
@@ -135,10 +131,11 @@ class TrainingJob(Checkpointable):
 
 # ---------------------------------------------------------------------------- submission
 def _absolute_run_dir(cfg: Config) -> Config:
-    """The job may start in another directory: pin run_dir (and the log folder) to absolute paths."""
+    """The job may start in another directory: pin run_dir, checkpoints and logs to absolute paths."""
     run_dir = str(Path(cfg.run_dir).absolute())
     launcher = dataclasses.replace(cfg.launcher, folder=str(Path(cfg.launcher.folder).absolute()))
-    return dataclasses.replace(cfg, run_dir=run_dir, launcher=launcher)
+    checkpoint = dataclasses.replace(cfg.checkpoint, dir=str(Path(cfg.checkpoint.dir).absolute()))
+    return dataclasses.replace(cfg, run_dir=run_dir, launcher=launcher, checkpoint=checkpoint)
 
 
 def describe(job: submitit.Job) -> str:
@@ -161,8 +158,8 @@ def submit(executor: submitit.SlurmExecutor, fn: Callable[..., Any], *args: Any)
         raise SubmissionError(f"SLURM refused the job ({request}): {err}") from err
 
 
-def submit_training(cfg: Config, entry: Callable[[Config], Any] | None = None) -> submitit.Job:
+def submit_training(cfg: Config) -> submitit.Job:
     """Submit `cfg` as a requeueable training job and return at once."""
     cfg = _absolute_run_dir(cfg)
     # The job calls run() directly, never the dispatch in launch(), so it cannot submit itself again.
-    return submit(build_executor(cfg.launcher), TrainingJob(cfg, entry))
+    return submit(build_executor(cfg.launcher), TrainingJob(cfg))
