@@ -111,3 +111,75 @@ def test_denoiser_class_layout_and_concat_kinds():
         den(x, t, {})
     with pytest.raises(ValueError, match="model.in_channels=6"):
         build_denoiser(UNetConfig(in_channels=6), ConditionerConfig(kind="sr"))
+
+
+def _norm_and_conv_inputs(unet: UNet, *args) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0]))
+             for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.Conv2d))]
+    try:
+        unet(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_memory_format_is_kept_through_the_transformers(linear):
+    """NCHW in → every GroupNorm/conv sees NCHW (the token layout must not leak: NHWC GroupNorm is ~3x
+    slower on CPU); channels_last in → channels_last throughout (the GPU fast path)."""
+    unet = tiny_unet(use_linear_in_transformer=linear)
+    x, t, context = inputs()
+    seen = _norm_and_conv_inputs(unet, x, t, context)
+    assert len(seen) > 10 and all(s.is_contiguous() for s in seen)
+    assert unet(x, t, context).is_contiguous()
+    ref = unet(x, t, context)
+    unet = unet.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    seen = _norm_and_conv_inputs(unet, x_cl, t, context)
+    assert all(s.is_contiguous(memory_format=torch.channels_last) for s in seen)
+    out = unet(x_cl, t, context)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_groupnorm32_matches_float32_statistics_in_bf16_and_autocast():
+    from ldmscale.models.unet import GroupNorm32
+
+    norm = randomize(GroupNorm32(8, 32))
+    x = torch.randn(2, 32, 6, 6, generator=torch.Generator().manual_seed(3)) * 4 + 2
+    upcast = torch.nn.functional.group_norm(x.bfloat16().float(), 8, norm.weight.bfloat16().float(),
+                                            norm.bias.bfloat16().float(), norm.eps).bfloat16()
+    out = norm.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, upcast)  # same numbers without the fp32 copy
+    norm = norm.float()
+    assert norm(x.bfloat16()).dtype == torch.bfloat16  # fp32 params, bf16 activations: computed in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+def _compiled_matches_eager(backend: str) -> None:
+    unet = tiny_unet(channels_last=True)
+    x, t, context = inputs()
+    x = x.contiguous(memory_format=torch.channels_last)
+    ref = unet(x, t, context)
+    ref.square().mean().backward()
+    grads = [p.grad.clone() for p in unet.parameters()]
+    unet.zero_grad(set_to_none=True)
+    compiled = torch.compile(unet, backend=backend, fullgraph=True)  # no graph breaks in the U-Net
+    out = compiled(x, t, context)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for p, g in zip(unet.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_whole_unet():
+    _compiled_matches_eager("aot_eager")  # Dynamo + AOTAutograd without codegen: 10-20 s
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager():
+    _compiled_matches_eager("inductor")  # C++ codegen on CPU: minutes

@@ -158,4 +158,6 @@ class SpatialTransformer(nn.Module):
             x = self.proj_out(x).reshape(b, h, w, c).permute(0, 3, 1, 2)
         else:
             x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2))
-        return x + x_in
+        # x_in first: the sum takes x_in's memory format (NCHW stays NCHW, channels_last stays channels_last)
+        # instead of the token layout's NHWC strides leaking into every later GroupNorm/conv
+        return x_in + x

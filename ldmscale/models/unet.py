@@ -28,11 +28,18 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (bf16 statistics drift), cast back."""
+    """GroupNorm with float32 statistics whose output keeps the input dtype (LDM's GroupNorm32).
+
+    torch's CPU and CUDA group_norm kernels already accumulate mean/var in float32 for bf16/fp16 inputs,
+    so a same-dtype call needs no upcast: the old `x.float()` round trip cost two extra full passes over
+    every activation in bf16. Under autocast group_norm runs in float32 and the cast restores x's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float() if self.weight is not None else None,
-                            self.bias.float() if self.bias is not None else None, self.eps).to(x.dtype)
+        weight, bias = self.weight, self.bias
+        if weight is not None and weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            # mixed dtypes outside autocast (e.g. float32 params, bf16 activations): compute in float32
+            return F.group_norm(x.float(), self.num_groups, weight.float(), bias.float(), self.eps).to(x.dtype)
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class Downsample(nn.Module):
