@@ -327,7 +327,8 @@ class PipelineConfig:
     num_val_samples: int = 256
     shard_size: int = 2500
     holdout: list[str] = field(default_factory=lambda: ["blue triangle"])  # never trained; reported apart
-    autoencoder_overrides: list[str] = field(default_factory=lambda: ["+experiment=ae_demo"])
+    autoencoder_experiment: str = "ae_demo"  # stage 1 = this experiment + the demo's own overrides
+    autoencoder_overrides: list[str] = field(default_factory=list)  # then these, for stage 1 only
     eval_seeds_per_prompt: int = 2
     eval_batch_size: int = 72
 

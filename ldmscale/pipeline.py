@@ -88,7 +88,9 @@ class Pipeline:
         return [str(p) for p in sorted(self.train_dir.glob("*.tar"))]
 
     def autoencoder_config(self) -> Config:
-        return compose([*self.cfg.pipeline.autoencoder_overrides, *self.overrides, "stage=autoencoder",
+        p = self.cfg.pipeline
+        return compose([f"+experiment={p.autoencoder_experiment}", *self.overrides, *p.autoencoder_overrides,
+                        "stage=autoencoder",
                         f"run_dir={quote_override_value(str(self.ae_dir))}",
                         _list_override("data.train_shards", self.train_shards()),
                         _list_override("ae_loss.eval_shards", [str(p) for p in sorted(self.val_dir.glob("*.tar"))])])

@@ -172,6 +172,9 @@ def main(composed: DictConfig) -> None:
 
     cfg = to_object(composed)
     if cfg.stage == "demo":  # the whole pipeline; each of its training steps is an ordinary run
+        if cfg.launcher.kind != "local":
+            raise SystemExit("stage=demo runs here, step by step; to use SLURM, submit its steps as "
+                             "experiments (e.g. +experiment=ae_demo launcher=slurm), not the demo pipeline")
         from ldmscale.pipeline import run_demo
 
         run_demo(cfg, list(HydraConfig.get().overrides.task))

@@ -187,6 +187,13 @@ class Engine:
 
     def step(self) -> None:
         """DeepSpeed's step: a no-op between accumulation boundaries, the optimiser update at one."""
+        if self.zero_stage == 0 and self._ds.is_gradient_accumulation_boundary():
+            # ZeRO-0 with a torch optimizer leaves DeepSpeed's norm unset; the gradients sit on the
+            # parameters until step() zeroes them, so take the norm here (a tensor: no host sync).
+            grads = [p.grad for p in self._ds.module.parameters() if p.grad is not None]
+            if grads:
+                self._last_grad_norm = torch.linalg.vector_norm(
+                    torch.stack(torch._foreach_norm(grads)).float())
         self._ds.step()
 
     def skip_micro_step(self) -> None:
@@ -203,7 +210,7 @@ class Engine:
     def grad_norm(self) -> float:
         norm = self._ds.get_global_grad_norm()
         if norm is None:
-            return float("nan")
+            norm = self._last_grad_norm if self.zero_stage == 0 else float("nan")
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
     def lr(self) -> float:
