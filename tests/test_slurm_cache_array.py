@@ -30,6 +30,33 @@ def _strip_timings(manifest: dict) -> dict:
     return data
 
 
+def _assert_same_manifest(got: dict, want: dict) -> None:
+    """Equal, but latent statistics only to float accuracy: they are fp64 sums of fp32 encoder outputs,
+    and an array task may run the encoder with another thread count than the local job (last-bit
+    differences in the convolutions); the cached shards themselves are compared byte for byte."""
+    got, want = _strip_timings(got), _strip_timings(want)
+
+    def split(data: dict) -> tuple[dict, list]:
+        floats: list = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                return {k: walk(v) for k, v in node.items()}
+            if isinstance(node, list):
+                return [walk(v) for v in node]
+            if isinstance(node, float):
+                floats.append(node)
+                return "<float>"
+            return node
+
+        return walk(data), floats
+
+    got_shape, got_floats = split(got)
+    want_shape, want_floats = split(want)
+    assert got_shape == want_shape
+    assert got_floats == pytest.approx(want_floats, rel=1e-6, abs=1e-9)
+
+
 def _submit_cli(*overrides: str) -> re.Match:
     """`tools/cache_latents.py ... launcher=slurm`: submits, prints the array and returns at once."""
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "cache_latents.py"), *overrides], cwd=ROOT,
@@ -60,7 +87,7 @@ def test_cache_array_matches_local_and_resubmission_skips(tmp_path, monkeypatch)
     array_id, tasks, skipped, manifest_job = first.groups()
     assert array_id.endswith("_[0-2]") and (tasks, skipped) == ("3", "0")  # ONE array of 3 tasks (2+2+1)
     manifest = submitit.SlurmJob(logs, manifest_job).result()
-    assert _strip_timings(manifest) == _strip_timings(local)
+    _assert_same_manifest(manifest, local)
     for shard in local["shards"]:
         name = shard["name"]
         assert (tmp_path / "slurm" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
