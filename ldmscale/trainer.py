@@ -16,6 +16,7 @@ import torch.distributed as tdist
 
 from ldmscale import checkpoint as ckpt
 from ldmscale.config import TrainerConfig
+from ldmscale.distributed import env
 from ldmscale.metrics import NullLogger, Throughput, mfu, peak_memory_gb
 
 
@@ -173,7 +174,8 @@ class Trainer:
         self._iter = None
         ckpt.set_rng_state(state["rng"])
         self.checkpointer.last_saved_step = self.step
-        self.logger.write(f"resumed from {self.checkpointer.dir / tag} at step {self.step}")
+        # The run's logger is attached after resume (it needs the step), so say it on the console too.
+        env.print0(f"[ldmscale] resumed from {self.checkpointer.dir / tag} at step {self.step}")
         return True
 
     def _next_batch(self) -> dict[str, Any]:

@@ -107,7 +107,9 @@ def train_cmd(run_dir: Path, cache: Path, ranks: int = 2, **overrides: object) -
     settings = {"stage": "diffusion", "data.train_shards": f"[{cache}]", "data.micro_batch_size": 8,
                 "data.global_batch_size": 8 * ranks, "trainer.max_steps": STEPS, "trainer.log_every_steps": 1,
                 "checkpoint.every_steps": 1000, "run_dir": run_dir, "logger.wandb_mode": "disabled",
-                "optim.lr": 2e-3, "logger.progress_bar": "false", **overrides}
+                "optim.lr": 2e-3, "logger.progress_bar": "false",
+                # Pinned here, not inherited from the demo's recipe: eps loss, no warmup, so 12 steps show it fall.
+                "diffusion": "default", "optim.warmup_steps": 0, **overrides}
     return [*launcher, "-m", "ldmscale.train", *(f"{k}={v}" for k, v in settings.items())]
 
 
