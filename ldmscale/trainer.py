@@ -86,6 +86,8 @@ class Trainer:
         t0 = time.perf_counter()
         micro_batches = [self._next_batch() for _ in range(self.accumulation_steps)]
         data_wait = time.perf_counter() - t0
+        for engine in self.task.engines().values():  # a gradient norm is taken only for a logged step
+            engine.track_grad_norm = self.should_log(self.step + 1)
         out = self.task.train_step(micro_batches, self.step)
         self.step += 1
         images = sum(_batch_size(b) for b in micro_batches) * self.world_size
@@ -98,8 +100,11 @@ class Trainer:
         self.logger.advance()
         return out
 
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.log_every_steps == 0 or step == self.cfg.max_steps
+
     def maybe_log(self, out: dict[str, torch.Tensor]) -> None:
-        if self.step % self.cfg.log_every_steps and self.step != self.cfg.max_steps:
+        if not self.should_log(self.step):
             return
         loss = self._loss_sum.clone().reshape(1) / max(1, self._loss_count)
         if tdist.is_available() and tdist.is_initialized() and self.world_size > 1:

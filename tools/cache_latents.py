@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ldmscale.config import CONF_DIR, register_configs, to_object  # noqa: E402
+from ldmscale.config import CONF_DIR, quote_override_value, register_configs, to_object  # noqa: E402
 
 
 def quote_url_overrides(argv: list[str]) -> list[str]:
@@ -35,7 +35,7 @@ def quote_url_overrides(argv: list[str]) -> list[str]:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+") in ("cache.input", "cache.output") and value[:1] not in "'\"" \
                 and any(ch in value for ch in "{}*?[], "):
-            value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            value = quote_override_value(value)
             arg = f"{key}={value}"
         out.append(arg)
     return out

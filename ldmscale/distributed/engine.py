@@ -150,6 +150,7 @@ class Engine:
         self.zero_stage: int = ds_config["zero_optimization"]["stage"]
         self.gradient_accumulation_steps: int = ds_config["gradient_accumulation_steps"]
         self._last_grad_norm = torch.zeros(())
+        self.track_grad_norm = False  # set by the trainer for the steps it logs
 
     # ---- compute
     @property
@@ -187,7 +188,7 @@ class Engine:
 
     def step(self) -> None:
         """DeepSpeed's step: a no-op between accumulation boundaries, the optimiser update at one."""
-        if self.zero_stage == 0 and self._ds.is_gradient_accumulation_boundary():
+        if self.track_grad_norm and self.zero_stage == 0 and self._ds.is_gradient_accumulation_boundary():
             # ZeRO-0 with a torch optimizer leaves DeepSpeed's norm unset; the gradients sit on the
             # parameters until step() zeroes them, so take the norm here (a tensor: no host sync).
             grads = [p.grad for p in self._ds.module.parameters() if p.grad is not None]
