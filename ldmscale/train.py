@@ -25,21 +25,32 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def example_inputs(cfg: Config, batch: int = 1, device: str = "meta") -> tuple[Any, ...]:
-    """A denoiser call at the configured resolution (largest bucket), for FLOP counting."""
-    factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1)  # the autoencoder's spatial downsampling
+    """(x_t, t, cond) for one denoiser call at the configured resolution (largest bucket), for FLOP counting.
+
+    cond holds what `build_denoiser(cfg.model, cfg.conditioner)` consumes for cfg.conditioner.kind: text
+    context (+ pooled), class labels, layout boxes, or the sr/inpaint channels concatenated onto x_t."""
+    from ldmscale.models.unet import concat_channels_for
+
+    kind, factor = cfg.conditioner.kind, 2 ** (len(cfg.autoencoder.ch_mult) - 1)  # autoencoder downsampling
     h = w = cfg.data.resolution
     if cfg.data.buckets:
         h, w = max(cfg.data.buckets, key=lambda hw: hw[0] * hw[1])
-    latents = torch.zeros(batch, cfg.autoencoder.embed_dim, h // factor, w // factor, device=device)
+    h, w = h // factor, w // factor
+    latents = torch.zeros(batch, cfg.model.out_channels, h, w, device=device)  # the denoiser predicts these
     t = torch.zeros(batch, dtype=torch.long, device=device)
     cond: dict[str, torch.Tensor] = {}
-    if cfg.model.context_dim:
+    if kind == "text" and cfg.model.context_dim:  # other kinds: no context, or the layout encoder makes it
         cond["context"] = torch.zeros(batch, cfg.conditioner.context_length, cfg.model.context_dim, device=device)
-    if cfg.model.adm_in_channels:
-        pooled = cfg.model.adm_in_channels
-        cond["pooled"] = torch.zeros(batch, pooled, device=device)
-    if cfg.conditioner.kind == "class":
+    if kind != "class" and cfg.model.adm_in_channels:
+        cond["pooled"] = torch.zeros(batch, cfg.model.adm_in_channels, device=device)
+    if kind == "class":
         cond["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
+    elif kind == "layout":
+        cond["boxes"] = torch.full((batch, cfg.conditioner.max_boxes, 4), 0.5, device=device)
+        cond["box_classes"] = torch.zeros(batch, cfg.conditioner.max_boxes, dtype=torch.long, device=device)
+    concat = concat_channels_for(cfg.model, cfg.conditioner)
+    if concat:
+        cond["concat"] = torch.zeros(batch, concat, h, w, device=device)
     return latents, t, cond
 
 

@@ -252,8 +252,8 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
         if context is not None:
             context = context.to(dtype)
-        if context_mask is not None and bool(context_mask.all()):
-            context_mask = None  # all real tokens: let SDPA pick its fastest kernel
+        if context_mask is not None and not context_mask.is_meta and bool(context_mask.all()):
+            context_mask = None  # all real tokens: let SDPA pick its fastest kernel (meta: no values to check)
         h = x.to(dtype)
         skips = []
         for block in self.input_blocks:
@@ -323,14 +323,19 @@ class Denoiser(nn.Module):
         return self.unet(x_t, t, context=context, context_mask=mask, y=y)
 
 
+def concat_channels_for(model_cfg, cond_cfg) -> int:
+    """Channels concatenated onto x_t: sr → 3 (the low-res image), inpaint → mask + masked latent, else 0."""
+    if cond_cfg.kind not in ("sr", "inpaint"):
+        return 0
+    return getattr(cond_cfg, "concat_channels", 0) or (3 if cond_cfg.kind == "sr" else model_cfg.out_channels + 1)
+
+
 def build_denoiser(model_cfg, cond_cfg) -> Denoiser:
     """U-Net + the trainable conditioning parts named by `cond_cfg.kind`."""
     kind = cond_cfg.kind
     kwargs = unet_kwargs(model_cfg)
-    concat_channels = 0
-    if kind in ("sr", "inpaint"):
-        concat_channels = getattr(cond_cfg, "concat_channels", 0) or (
-            3 if kind == "sr" else model_cfg.out_channels + 1)
+    concat_channels = concat_channels_for(model_cfg, cond_cfg)
+    if concat_channels:
         expected = model_cfg.out_channels + concat_channels
         if model_cfg.in_channels not in (model_cfg.out_channels, expected):
             raise ValueError(f"model.in_channels={model_cfg.in_channels} but conditioner.kind={kind!r} concatenates "
