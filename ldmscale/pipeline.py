@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 
 from ldmscale.config import Config, compose, quote_override_value
 
@@ -47,6 +47,8 @@ class Pipeline:
 
     def __init__(self, cfg: Config, overrides: list[str]):
         self.cfg = cfg
+        # Stage 1 composes its own experiment (pipeline.autoencoder_experiment); stage 2 keeps the demo's.
+        self.experiment = [o for o in overrides if o.startswith("+experiment=")]
         self.overrides = [o for o in overrides if not o.startswith(("stage=", "+experiment="))]
         self.root = Path(cfg.run_dir)
         self.train_dir = self.root / "data" / "train"
@@ -114,7 +116,7 @@ class Pipeline:
         manifest = json.loads((self.cache_dir / "manifest.json").read_text())
         scale, shift = expected_scale(manifest)
         cached = [str(p) for p in sorted(self.cache_dir.glob("*.tar"))]
-        return compose([*self.overrides, "stage=diffusion", f"run_dir={quote_override_value(str(self.unet_dir))}",
+        return compose([*self.experiment, *self.overrides, "stage=diffusion", f"run_dir={quote_override_value(str(self.unet_dir))}",
                         "data.kind=cached", _list_override("data.train_shards", cached),
                         f"autoencoder.weights={quote_override_value(str(self.ae_dir))}",
                         f"autoencoder.scale_factor={scale}", f"autoencoder.shift_factor={shift}"])
@@ -123,45 +125,34 @@ class Pipeline:
         run_in_child(self.unet_config(), "stage-2 U-Net training")
 
     def evaluate(self) -> dict[str, Any]:
-        """Sample every evaluation prompt with fixed seeds from the EMA weights; score adherence."""
-        from ldmscale.data.synthetic import eval_prompts, score_adherence
-        from ldmscale.sample import generate_from_run
+        """Generate the task's evaluation images from the EMA weights with fixed seeds, and score them."""
+        from ldmscale.demo_tasks import GRID_COLUMNS, TaskEvaluator
+        from ldmscale.sample import load_models
 
-        p = self.cfg.pipeline
-        asked = [prompt for prompt in eval_prompts() for _ in range(p.eval_seeds_per_prompt)]
-        captions = [f"a {c} {s} in the {pos}" for c, s, pos in asked]
-        seeds = list(range(len(captions)))
-        images = generate_from_run(self.unet_dir, captions, seeds=seeds, batch_size=p.eval_batch_size)
-        scores = score_adherence([np.asarray(im) for im in images], asked, holdout=p.holdout)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        models = load_models(self.unet_dir, ema=True, device=device)
+        scores, summary, rows = TaskEvaluator(models.cfg, models, self.cfg.pipeline.eval_batch_size).run()
         grid_path = self.root / "samples.png"
-        save_grid(images[:: p.eval_seeds_per_prompt], grid_path, columns=12)
-        scores["grid"] = str(grid_path)
+        save_grid([im for row in rows for im in row], grid_path, columns=GRID_COLUMNS)
+        scores = {"task": models.cfg.conditioner.kind, **scores, "grid": str(grid_path)}
         (self.root / "eval.json").write_text(json.dumps(scores, indent=2))
-        print_scores(scores)
+        print(f"[demo] {summary}", flush=True)
         return scores
 
 
-def save_grid(images: list[Any], path: Path, columns: int) -> None:
+def save_grid(images: torch.Tensor | list[torch.Tensor], path: Path, columns: int) -> None:
+    """Images [3,H,W] in [0,1] → one PNG, `columns` per row."""
     from PIL import Image
 
-    width, height = images[0].size
-    rows = -(-len(images) // columns)
+    from ldmscale.sample import to_pil
+
+    tiles = to_pil(torch.stack(list(images)))
+    width, height = tiles[0].size
+    rows = -(-len(tiles) // columns)
     grid = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * width, (i // columns) * height))
     grid.save(path)
-
-
-def print_scores(scores: dict[str, Any]) -> None:
-    chance = scores["chance"]
-    held = scores["held_out"]
-    print(f"[demo] prompt adherence on {scores['num_images']} generated images "
-          f"(chance in brackets):\n"
-          f"  colour   {scores['colour']:.1%}  ({chance['colour']:.0%})\n"
-          f"  shape    {scores['shape']:.1%}  ({chance['shape']:.0%})\n"
-          f"  position {scores['position']:.1%}  ({chance['position']:.0%})\n"
-          f"  held-out pair(s) {', '.join(scores['held_out_pairs']) or '-'}: "
-          + ", ".join(f"{k} {v:.0%}" for k, v in held.items() if v is not None), flush=True)
 
 
 def run_demo(cfg: Config, overrides: list[str]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from ldmscale.data.cache_format import (
     build_manifest,
     dtype_name,
 )
+from ldmscale.data.conditioning import concat_spec, derive
 from ldmscale.data.shards import SampleFilter, SkipCounter, expand_urls, iter_decoded, shard_name
 from ldmscale.data.transforms import Bucket, nearest_bucket, resize_crop, resolve_buckets, transform_boxes
 
@@ -140,6 +141,7 @@ class CacheSpec:
     context_length: int
     seed: int
     fingerprint: dict[str, Any]
+    concat: Optional[dict[str, Any]] = None  # SR / inpainting inputs derived from the image (conditioning.py)
 
     @classmethod
     def build(cls, data_cfg: Any, cond_cfg: Any, ae_cfg: Any, cache_cfg: Any, encoders: Encoders,
@@ -173,12 +175,14 @@ class CacheSpec:
             "transform": {"random_crop": data_cfg.random_crop, "random_flip": data_cfg.random_flip,
                           "min_size": data_cfg.min_size, "max_aspect_ratio": data_cfg.max_aspect_ratio,
                           "filters": list(data_cfg.filters), "seed": seed},
+            "concat": concat_spec(cond_cfg),
         }
         if cache_cfg.batch_size <= 0:
             raise ValueError(f"cache.batch_size={cache_cfg.batch_size} must be positive")
         return cls(buckets, SampleFilter.from_config(data_cfg, require_caption=text is not None),
                    data_cfg.random_crop, data_cfg.random_flip, cache_cfg.batch_size,
-                   cache_cfg.latent_dtype, cache_cfg.text_dtype, cond_cfg.context_length, seed, fingerprint)
+                   cache_cfg.latent_dtype, cache_cfg.text_dtype, cond_cfg.context_length, seed, fingerprint,
+                   fingerprint["concat"])
 
 
 def _jsonable(value: Any) -> Any:
@@ -214,7 +218,8 @@ def _encode_batch(items: list[_Pending], encoders: Encoders, spec: CacheSpec
             text_rows = encode_text_rows(encoding.tokens.float().cpu(), encoding.lengths.cpu(), spec.context_length)
             pooled = list(encoding.pooled.float().cpu())
             lengths = encoding.lengths.tolist()
-    records = [CachedRecord(it.key, moments[i], text_rows[i], pooled[i], int(lengths[i]), it.meta)
+        extras = derive(pixels, [it.key for it in items], spec.concat, encoders.autoencoder, spec.seed)
+    records = [CachedRecord(it.key, moments[i], text_rows[i], pooled[i], int(lengths[i]), it.meta, extras[i])
                for i, it in enumerate(items)]
     return records, moments
 

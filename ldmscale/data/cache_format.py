@@ -5,7 +5,9 @@ One cached sample is two tar members:
               layout of the tensors in the .bin member;
   {key}.bin   raw little-endian bytes of: KL moments (mean ‖ logvar) or VQ pre-quantisation latent
               [M,h,w] in `latent_dtype`; text tokens [n,D] with n = min(length+1, context_length) in
-              `text_dtype` (never the padding); the pooled text embedding [D].
+              `text_dtype` (never the padding); the pooled text embedding [D]; then, for the concat
+              tasks, the derived inputs in `latent_dtype` (ldmscale.data.conditioning: SR `low_res`,
+              inpainting `inpaint_mask` and `masked_moments`).
 Each output shard has a sidecar `{name}.idx.npy` (int64 [n, 3]: byte offset, byte length, bucket
 index of every sample) so the loader reads any sample with one seek, and a per-shard result file
 `_results/{name}.json`; manifest.json is assembled from those.
@@ -65,6 +67,7 @@ class CachedRecord:
     text_pooled: Optional[torch.Tensor] = None  # [D]
     text_length: int = 0  # real token count reported by the text encoder
     meta: dict[str, Any] = field(default_factory=dict)  # caption, class_id, boxes, crop, bucket, ...
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # derived concat inputs (low_res, ...)
 
 
 def encode_record(record: CachedRecord, latent_dtype: str, text_dtype: str) -> dict[str, bytes]:
@@ -74,7 +77,8 @@ def encode_record(record: CachedRecord, latent_dtype: str, text_dtype: str) -> d
     offset = 0
     for name, tensor, dtype in (("moments", record.moments, latent_dtype),
                                 ("text_tokens", record.text_tokens, text_dtype),
-                                ("text_pooled", record.text_pooled, text_dtype)):
+                                ("text_pooled", record.text_pooled, text_dtype),
+                                *((name, t, latent_dtype) for name, t in sorted(record.extras.items()))):
         if tensor is None:
             continue
         payload = tensor_to_bytes(tensor, dtype)
@@ -92,8 +96,8 @@ def decode_record(key: str, members: dict[str, bytes]) -> CachedRecord:
     blob = memoryview(members["bin"])
     tensors = {name: tensor_from_bytes(blob[spec["offset"]: spec["offset"] + spec["nbytes"]], spec["dtype"], spec["shape"])
                for name, spec in layout.items()}
-    return CachedRecord(key, tensors["moments"], tensors.get("text_tokens"), tensors.get("text_pooled"),
-                        int(meta.pop("text_length", 0)), meta)
+    moments, tokens, pooled = (tensors.pop(name, None) for name in ("moments", "text_tokens", "text_pooled"))
+    return CachedRecord(key, moments, tokens, pooled, int(meta.pop("text_length", 0)), meta, tensors)
 
 
 def safe_key(key: str) -> str:

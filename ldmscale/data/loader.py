@@ -44,8 +44,10 @@ from ldmscale.data.cache_format import (
     decode_record,
     parse_tar_span,
 )
+from ldmscale.data.conditioning import concat_spec
 from ldmscale.data.shards import expand_urls
 from ldmscale.data.transforms import resolve_buckets
+from ldmscale.models.conditioners import inpaint_concat, upsample_low_res
 
 
 class CacheMismatchError(ValueError):
@@ -163,6 +165,10 @@ def check_manifest(manifest: dict[str, Any], data_cfg: Any, cond_cfg: Any, ae_cf
             problems += [f"conditioner.{k}: cache {text['config'].get(k)!r} vs config {now[k]!r}" for k in diff]
             if cond_cfg.text_weights and weights_file_fingerprint(cond_cfg.text_weights) != text.get("weights_file_sha256"):
                 problems.append(f"conditioner.text_weights={cond_cfg.text_weights!r} differs from the cache's")
+    need = concat_spec(cond_cfg)
+    if need is not None and manifest.get("concat") != need:
+        problems.append(f"conditioner.kind={cond_cfg.kind} needs derived inputs {need} but the cache holds "
+                        f"{manifest.get('concat')} (cache with the same conditioner settings)")
     want = [list(b) for b in resolve_buckets(data_cfg)]
     if want != manifest["buckets"]:
         problems.append(f"data buckets {want} vs cached buckets {manifest['buckets']} (data.resolution/buckets)")
@@ -246,6 +252,13 @@ def collate_records(records: Sequence[CachedRecord], *, kind: str, cond_kind: st
                 boxes[i, j] = torch.tensor(box)
                 classes[i, j] = cls
         batch["boxes"], batch["box_classes"] = boxes, classes
+    if cond_kind == "sr":
+        low_res = torch.stack([r.extras["low_res"] for r in records]).float()
+        batch["concat"] = upsample_low_res(low_res, latents.shape[-2:])
+    if cond_kind == "inpaint":
+        masked = torch.stack([r.extras["masked_moments"] for r in records]).float()
+        masked = (sample_latents(masked, kind, generator) - shift_factor) * scale_factor
+        batch["concat"] = inpaint_concat(torch.stack([r.extras["inpaint_mask"] for r in records]), masked)
     batch["captions"] = [r.meta.get("caption", "") for r in records]
     batch["keys"] = [r.key for r in records]
     batch["original_size"] = torch.tensor([r.meta["original_size"] for r in records], dtype=torch.long)

@@ -223,11 +223,11 @@ def foreground_mask(image: np.ndarray) -> np.ndarray:
     return (pixels.max(-1) - pixels.min(-1)) > _SATURATION_THRESHOLD
 
 
-def count_components(mask: np.ndarray, min_pixels: int = 4) -> int:
-    """4-connected components of at least `min_pixels` pixels (tiny specks are noise, not shapes)."""
+def component_sizes(mask: np.ndarray) -> list[int]:
+    """Pixel counts of the 4-connected components of a boolean mask, largest first."""
     seen = np.zeros_like(mask, dtype=bool)
     height, width = mask.shape
-    count = 0
+    sizes = []
     for y, x in zip(*np.nonzero(mask)):
         if seen[y, x]:
             continue
@@ -240,8 +240,13 @@ def count_components(mask: np.ndarray, min_pixels: int = 4) -> int:
                 if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
                     seen[ny, nx] = True
                     stack.append((ny, nx))
-        count += size >= min_pixels
-    return count
+        sizes.append(size)
+    return sorted(sizes, reverse=True)
+
+
+def count_components(mask: np.ndarray, min_pixels: int = 4) -> int:
+    """4-connected components of at least `min_pixels` pixels (tiny specks are noise, not shapes)."""
+    return sum(size >= min_pixels for size in component_sizes(mask))
 
 
 def analyse(image: np.ndarray) -> Analysis:
@@ -311,3 +316,52 @@ def score_adherence(images: Sequence[np.ndarray], asked: Sequence[tuple[str, str
         "num_images": len(rows),
         "num_held_out_images": len(unseen),
     }
+
+
+# ---------------------------------------------------------------------------- scores of the other tasks
+# A "clean" single shape: one component, holding nearly all the saturated pixels (stray specks allowed up
+# to this fraction), neither a speck nor a smear: the smallest shape drawn (a triangle of side 0.26)
+# covers 3.4% of the image, the largest (a square of side 0.40) 16%.
+CLEAN_MAIN_FRACTION = 0.95
+MIN_SHAPE_FRACTION = 0.02
+MAX_SHAPE_FRACTION = 0.25
+
+
+def is_clean_single_shape(image: np.ndarray) -> bool:
+    """Exactly one shape on the background: one connected component with ≥ 95% of the foreground, of a
+    plausible size (a grey background around it)."""
+    mask = foreground_mask(image)
+    sizes = component_sizes(mask)
+    if not sizes or not MIN_SHAPE_FRACTION * mask.size <= sizes[0] <= MAX_SHAPE_FRACTION * mask.size:
+        return False
+    return count_components(mask) == 1 and sizes[0] >= CLEAN_MAIN_FRACTION * sum(sizes)
+
+
+def score_unconditional(images: Sequence[np.ndarray]) -> dict:
+    clean = [is_clean_single_shape(np.asarray(im)) for im in images]
+    return {"clean_single_shape": float(np.mean(clean)), "num_images": len(clean)}
+
+
+def score_classes(images: Sequence[np.ndarray], classes: Sequence[int]) -> dict:
+    """Class adherence: the read colour and shape both match the class id's (shape, colour)."""
+    rows = []
+    for image, cls in zip(images, classes, strict=True):
+        shape, colour = class_name(int(cls))
+        found = analyse(np.asarray(image))
+        rows.append((found.colour == colour, found.shape == shape))
+    hits = np.array(rows, dtype=bool).reshape(-1, 2)
+    return {"class": float(hits.all(1).mean()), "colour": float(hits[:, 0].mean()), "shape": float(hits[:, 1].mean()),
+            "chance": {"class": 1 / NUM_CLASSES}, "num_images": len(rows)}
+
+
+def score_layout(images: Sequence[np.ndarray], boxes: Sequence[Sequence[float]], classes: Sequence[int],
+                 min_iou: float = 0.5) -> dict:
+    """Layout adherence: IoU of the shape's box (the foreground mask's bounding box) with the asked box."""
+    ious, class_hits = [], []
+    for image, box, cls in zip(images, boxes, classes, strict=True):
+        found = analyse(np.asarray(image))
+        ious.append(box_iou(found.bbox, box) if found.bbox is not None else 0.0)
+        class_hits.append((found.shape, found.colour) == class_name(int(cls)))
+    ious_arr = np.asarray(ious)
+    return {"iou_at_least_0.5": float((ious_arr >= min_iou).mean()), "mean_iou": float(ious_arr.mean()),
+            "class": float(np.mean(class_hits)), "num_images": len(ious)}
