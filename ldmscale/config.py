@@ -125,6 +125,9 @@ class ConditionerConfig:
     num_classes: int = 0
     max_boxes: int = 4
     layout_dim: int = 64
+    # layout: also concatenate the boxes' coverage map (latent resolution) onto x_t. LDM conditions through
+    # cross-attention only; a small model trained briefly then learns the classes but not where the boxes are.
+    layout_raster: bool = False
     # sr / inpaint
     sr_factor: int = 4
     concat_channels: int = 0  # 0: sr → 3 (the low-res image), inpaint → latent channels + 1 (mask)

@@ -153,3 +153,14 @@ def test_task_scores_are_perfect_on_renders_and_at_chance_on_noise():
     assert synthetic.score_layout(renders, boxes, classes)["iou_at_least_0.5"] == 1.0
     flipped = [(1 - b[2], 1 - b[3], 1 - b[0], 1 - b[1]) for b in boxes]  # the opposite corner
     assert synthetic.score_layout(renders, flipped, classes)["iou_at_least_0.5"] == 0.0
+
+
+def test_layout_raster_is_the_box_coverage_at_latent_resolution():
+    from ldmscale.models.conditioners import rasterize_boxes
+
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 1.0, 0.375]]])
+    only_first = rasterize_boxes(boxes, torch.tensor([[1, -1]]), (4, 4))[0, 0]  # class -1: padding
+    assert torch.equal(only_first, torch.tensor([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    both = rasterize_boxes(boxes, torch.tensor([[1, 2]]), (4, 4))[0, 0]
+    assert torch.equal(both[1], torch.tensor([1.0, 1, 0.5, 0.5]))  # half of row 1 covered by the second box
+    assert rasterize_boxes(boxes, torch.full((1, 2), -1), (4, 4)).abs().sum() == 0  # CFG's null layout

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldmscale.models.attention import BACKENDS, SpatialTransformer, xformers_available
+from ldmscale.models.conditioners import rasterize_boxes
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -296,10 +297,11 @@ class Denoiser(nn.Module):
     """The trained stage-2 network: U-Net + trainable conditioning parts (class embedding, layout encoder)."""
 
     def __init__(self, unet: UNet, kind: str = "none", layout_encoder: Optional[nn.Module] = None,
-                 num_classes: Optional[int] = None, concat_channels: int = 0):
+                 num_classes: Optional[int] = None, concat_channels: int = 0, layout_raster: bool = False):
         super().__init__()
         self.unet, self.kind = unet, kind
         self.layout_encoder = layout_encoder
+        self.layout_raster = layout_raster  # also concatenate the boxes' coverage map onto x_t
         self.num_classes = num_classes  # conditioning classes; the U-Net holds one more row (the null class)
         self.concat_channels = concat_channels
 
@@ -315,6 +317,9 @@ class Denoiser(nn.Module):
             y = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
         elif self.kind == "layout":
             context, mask = self.layout_encoder(cond["boxes"], cond["box_classes"])
+            if self.layout_raster:  # CFG's null layout (all padding) rasterizes to zeros
+                raster = rasterize_boxes(cond["boxes"].float(), cond["box_classes"], tuple(x_t.shape[-2:]))
+                x_t = torch.cat([x_t, raster.to(x_t.dtype)], dim=1)
             mask = mask | ~mask.any(dim=1, keepdim=True)  # an all-padding layout (CFG null) attends to all boxes
         elif self.unet.adm_in_channels is not None and "pooled" in cond:
             y = cond["pooled"]
@@ -324,7 +329,8 @@ class Denoiser(nn.Module):
 
 
 def concat_channels_for(model_cfg, cond_cfg) -> int:
-    """Channels concatenated onto x_t: sr → 3 (the low-res image), inpaint → mask + masked latent, else 0."""
+    """Channels the caller concatenates onto x_t (cond["concat"]): sr → 3 (the low-res image), inpaint →
+    mask + masked latent, else 0. (A layout raster is made inside the Denoiser from the boxes.)"""
     if cond_cfg.kind not in ("sr", "inpaint"):
         return 0
     return getattr(cond_cfg, "concat_channels", 0) or (3 if cond_cfg.kind == "sr" else model_cfg.out_channels + 1)
@@ -343,6 +349,12 @@ def build_denoiser(model_cfg, cond_cfg) -> Denoiser:
                              f"expected {expected}")
         kwargs["in_channels"] = expected
     layout_encoder = None
+    layout_raster = kind == "layout" and bool(getattr(cond_cfg, "layout_raster", False))
+    if layout_raster:
+        if model_cfg.in_channels not in (model_cfg.out_channels, model_cfg.out_channels + 1):
+            raise ValueError(f"model.in_channels={model_cfg.in_channels}: conditioner.layout_raster adds one "
+                             f"channel to {model_cfg.out_channels} latent channels")
+        kwargs["in_channels"] = model_cfg.out_channels + 1
     if kind == "class":
         if cond_cfg.num_classes <= 0:
             raise ValueError("conditioner.kind='class' needs conditioner.num_classes > 0")
@@ -363,4 +375,5 @@ def build_denoiser(model_cfg, cond_cfg) -> Denoiser:
         load_unet_weights(unet, model_cfg.weights)
     if getattr(model_cfg, "channels_last", False):
         unet = unet.to(memory_format=torch.channels_last)
-    return Denoiser(unet, kind, layout_encoder, cond_cfg.num_classes if kind == "class" else None, concat_channels)
+    return Denoiser(unet, kind, layout_encoder, cond_cfg.num_classes if kind == "class" else None, concat_channels,
+                    layout_raster)
