@@ -105,6 +105,7 @@ class AutoencoderLossConfig:
     disc_lr: Optional[float] = None  # None: optim.lr
     eval_shards: list[str] = field(default_factory=list)  # held-out raw shards for PSNR/SSIM
     num_eval_samples: int = 64
+    inception_weights: Optional[str] = None  # torchvision inception_v3 state dict: rFID on the eval images
     num_grid_samples: int = 8
     estimate_scale_samples: int = 256  # images used to estimate the latent scale factor at the end
 

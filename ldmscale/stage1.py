@@ -69,8 +69,14 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In place; a CPU tensor goes through the GPU under NCCL (which reduces only CUDA tensors)."""
     if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.all_reduce(t)
+        if tdist.get_backend() == "nccl" and t.device.type != "cuda":
+            moved = t.cuda()
+            tdist.all_reduce(moved)
+            t.copy_(moved.cpu())
+        else:
+            tdist.all_reduce(t)
     return t
 
 
@@ -253,12 +259,17 @@ class AutoencoderTask:
         code_counts = torch.zeros(max(n_embed, 1), dtype=torch.float64)
         grid_rows: list[torch.Tensor] = []
         batch = self.cfg.data.micro_batch_size
+        inception = self._inception()
+        real_stats, fake_stats = evaluation.FeatureStats(), evaluation.FeatureStats()
         for lo in range(0, len(indices), batch):
             pixels = torch.stack([dataset[i] for i in indices[lo:lo + batch]]).to(self.device)
             recon, codes = self.reconstruct(pixels)
             sums[0] += evaluation.psnr(pixels, recon).double().sum().cpu()
             sums[1] += evaluation.ssim(pixels, recon).double().sum().cpu()
             sums[2] += pixels.shape[0]
+            if inception is not None:
+                real_stats.update(inception(pixels.float()))
+                fake_stats.update(inception(recon.float()))
             if codes is not None:
                 code_counts += torch.bincount(codes.flatten().cpu(), minlength=n_embed).double()
             if not grid_rows:
@@ -267,6 +278,10 @@ class AutoencoderTask:
         model.train(was_training)
         _all_reduce_sum(sums)
         metrics: dict[str, Any] = {"eval/psnr": float(sums[0] / sums[2]), "eval/ssim": float(sums[1] / sums[2])}
+        if inception is not None:  # rFID: held-out images vs their reconstructions (a few thousand for stable values)
+            for t in real_stats.tensors + fake_stats.tensors:
+                _all_reduce_sum(t)
+            metrics["eval/rfid"] = evaluation.frechet_distance(*real_stats.mean_cov(), *fake_stats.mean_cov())
         if n_embed:
             _all_reduce_sum(code_counts)
             stats = evaluation.codebook_stats_from_counts(code_counts)
@@ -275,6 +290,14 @@ class AutoencoderTask:
         if out_dir is not None and self.rank == 0 and grid_rows:
             grid_path = evaluation.save_grid(grid_rows, Path(out_dir) / f"recon_{tag or f'{self.step:08d}'}.png")
         return {"metrics": metrics, "grid_path": grid_path}
+
+    def _inception(self) -> Optional[evaluation.InceptionFeatures]:
+        """The rFID network, built once, when ae_loss.inception_weights names a file."""
+        if not self.cfg.ae_loss.inception_weights:
+            return None
+        if getattr(self, "_inception_net", None) is None:
+            self._inception_net = evaluation.InceptionFeatures(self.cfg.ae_loss.inception_weights).to(self.device)
+        return self._inception_net
 
     def reconstruct(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         model = self.autoencoder

@@ -63,3 +63,41 @@ def test_grid_png(tmp_path):
     assert image.shape == (2 * 8 + 3 * 2, 3 * 8 + 4 * 2, 3)
     assert image[2 + 4, 2 + 4].tolist() == [0, 0, 0]  # first row black
     assert image[2 + 8 + 2 + 4, 2 + 4].tolist() == [255, 255, 255]  # second row white
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    g = torch.Generator().manual_seed(0)
+    mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    var1, var2 = torch.rand(6, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    expected = float((mu1 - mu2).pow(2).sum() + (var1 + var2 - 2 * (var1 * var2).sqrt()).sum())
+    got = evaluation.frechet_distance(mu1, torch.diag(var1), mu2, torch.diag(var2))
+    assert got == pytest.approx(expected, rel=1e-9)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    cov = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)  # a full covariance: distance to itself is 0
+    assert evaluation.frechet_distance(mu1, cov, mu1, cov) == pytest.approx(0.0, abs=1e-8)
+    assert evaluation.frechet_distance(mu1, cov, mu2, torch.diag(var2)) == pytest.approx(
+        evaluation.frechet_distance(mu2, torch.diag(var2), mu1, cov), rel=1e-8)
+
+
+def test_feature_stats_merge_across_batches_like_numpy_cov():
+    features = torch.randn(50, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    stats = evaluation.FeatureStats(dim=5)
+    stats.update(features[:20])
+    stats.update(features[20:])  # two batches (or two ranks after an all-reduce of .tensors)
+    mean, cov = stats.mean_cov()
+    torch.testing.assert_close(mean, features.mean(0))
+    torch.testing.assert_close(cov, torch.from_numpy(np.cov(features.numpy(), rowvar=False)))
+
+
+def test_inception_features_load_local_weights_and_name_a_missing_file(tmp_path):
+    from torchvision.models import inception_v3
+
+    path = tmp_path / "inception.pth"  # random weights stand in for the real file (no downloads here)
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), path)
+    net = evaluation.InceptionFeatures(path)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    features = net(pixels)
+    assert features.shape == (2, 2048) and features.dtype == torch.float64
+    torch.testing.assert_close(net(pixels), features)  # inference mode: deterministic
+    with pytest.raises(FileNotFoundError, match="ae_loss.inception_weights"):
+        evaluation.InceptionFeatures(tmp_path / "missing.pth")
