@@ -18,6 +18,7 @@ from ldmscale.config import Config
 from ldmscale.data import synthetic
 from ldmscale.data.conditioning import box_mask, low_res_of
 from ldmscale.evaluation import psnr
+from ldmscale.sample import to_uint8
 
 HELD_OUT_START = 10**8  # the pipeline's validation shards start here too
 GRID_COLUMNS = 12
@@ -28,18 +29,6 @@ def held_out_images(cfg: Config, count: int) -> tuple[list[synthetic.ShapeSpec],
     specs = [synthetic.draw_spec(cfg.seed, HELD_OUT_START + i) for i in range(count)]
     arrays = np.stack([np.asarray(synthetic.render(s, cfg.data.resolution)) for s in specs])
     return specs, torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def uint8_images(images: torch.Tensor) -> list[np.ndarray]:
-    """[N,3,H,W] in [0,1] → [H,W,3] uint8 arrays, as the PNGs would hold them."""
-    return list((images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-
-
-def masked_psnr(target: torch.Tensor, estimate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR [N] over the pixels where mask [N,1,H,W] is 1 (data range 2, pixels in [-1,1])."""
-    se = (target.float() - estimate.float().clamp(-1, 1)).pow(2) * mask
-    mse = se.flatten(1).sum(1) / (mask.flatten(1).sum(1) * target.shape[1]).clamp_min(1)
-    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
 def mean_fill(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +63,7 @@ class TaskEvaluator:
         per_prompt = self.cfg.pipeline.eval_seeds_per_prompt
         asked = [prompt for prompt in synthetic.eval_prompts() for _ in range(per_prompt)]
         images = self.generate(prompts=[synthetic.caption(*a) for a in asked])
-        scores = synthetic.score_adherence(uint8_images(images), asked, holdout=self.cfg.pipeline.holdout)
+        scores = synthetic.score_adherence(list(to_uint8(images)), asked, holdout=self.cfg.pipeline.holdout)
         held = scores["held_out"]
         summary = (f"prompt adherence on {scores['num_images']} images (chance in brackets): "
                    f"colour {scores['colour']:.1%} ({scores['chance']['colour']:.0%}), "
@@ -86,14 +75,14 @@ class TaskEvaluator:
 
     def eval_none(self) -> tuple[dict[str, Any], str, list[torch.Tensor]]:
         images = self.generate(num_images=self.count)
-        scores = synthetic.score_unconditional(uint8_images(images))
+        scores = synthetic.score_unconditional(list(to_uint8(images)))
         return scores, (f"unconditional: {scores['clean_single_shape']:.1%} of {self.count} samples hold exactly "
                         "one clean shape"), [images[:72]]
 
     def eval_class(self) -> tuple[dict[str, Any], str, list[torch.Tensor]]:
         classes = [i % synthetic.NUM_CLASSES for i in range(self.count)]
         images = self.generate(class_labels=classes)
-        scores = synthetic.score_classes(uint8_images(images), classes)
+        scores = synthetic.score_classes(list(to_uint8(images)), classes)
         return scores, (f"class adherence on {self.count} images: {scores['class']:.1%} (chance "
                         f"{scores['chance']['class']:.1%}); colour {scores['colour']:.1%}, shape "
                         f"{scores['shape']:.1%}"), [images[:72]]
@@ -106,7 +95,7 @@ class TaskEvaluator:
         boxes[:, 0] = torch.tensor([s.bbox for s in specs], dtype=torch.float32)
         classes[:, 0] = torch.tensor([s.class_id for s in specs])
         images = self.generate(boxes=boxes, box_classes=classes)
-        scores = synthetic.score_layout(uint8_images(images), [s.bbox for s in specs], [s.class_id for s in specs])
+        scores = synthetic.score_layout(list(to_uint8(images)), [s.bbox for s in specs], [s.class_id for s in specs])
         return scores, (f"layout: {scores['iou_at_least_0.5']:.1%} of {self.count} samples have IoU ≥ 0.5 with "
                         f"their box (mean IoU {scores['mean_iou']:.2f}); class {scores['class']:.1%}"), [images[:72]]
 
@@ -134,8 +123,8 @@ class TaskEvaluator:
                             for i in range(self.count)])
         images = self.generate(image=target, mask=mask) * 2 - 1
         baseline = mean_fill(target, mask)
-        scores = {"masked_psnr": masked_psnr(target, images, mask).mean().item(),
-                  "mean_fill_psnr": masked_psnr(target, baseline, mask).mean().item(),
+        scores = {"masked_psnr": psnr(target, images, mask=mask).mean().item(),
+                  "mean_fill_psnr": psnr(target, baseline, mask=mask).mean().item(),
                   "mask_fraction": mask.mean().item(), "num_images": self.count}
         scores["gain_db"] = scores["masked_psnr"] - scores["mean_fill_psnr"]
         summary = (f"inpainting on {self.count} held-out images: masked-region PSNR {scores['masked_psnr']:.2f} dB "

@@ -13,10 +13,16 @@ import torch.nn.functional as F
 DATA_RANGE = 2.0  # pixels live in [-1, 1]
 
 
-def psnr(pixels: torch.Tensor, recon: torch.Tensor, data_range: float = DATA_RANGE) -> torch.Tensor:
-    """Per-image PSNR in dB [B]; reconstructions are clamped to the valid range, as when saved as images."""
+def psnr(pixels: torch.Tensor, recon: torch.Tensor, data_range: float = DATA_RANGE,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image PSNR in dB [B]; reconstructions are clamped to the valid range, as when saved as images.
+    With mask [B,1,H,W] (1 = counted) only the masked pixels count (inpainting's masked-region PSNR)."""
     recon = recon.float().clamp(-data_range / 2, data_range / 2)
-    mse = (pixels.float() - recon).pow(2).flatten(1).mean(dim=1)
+    se = (pixels.float() - recon).pow(2)
+    if mask is None:
+        mse = se.flatten(1).mean(dim=1)
+    else:
+        mse = (se * mask).flatten(1).sum(1) / (mask.flatten(1).sum(1) * pixels.shape[1]).clamp_min(1)
     return 10.0 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
 
 

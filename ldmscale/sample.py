@@ -426,12 +426,16 @@ def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[st
     return LoadedModels(cfg, denoiser.to(device).eval(), autoencoder, text_encoder)
 
 
+def to_uint8(images: Tensor) -> Any:
+    """[N, 3, H, W] in [0, 1] -> uint8 numpy [N, H, W, 3], as the saved PNGs hold them."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_pil(images: Tensor) -> list[Any]:
     """[N, 3, H, W] in [0, 1] -> PIL images."""
     from PIL import Image
 
-    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(array) for array in arrays]
+    return [Image.fromarray(array) for array in to_uint8(images)]
 
 
 def generate_from_run(checkpoint: str | Path, prompts: Optional[Sequence[str]] = None, *,

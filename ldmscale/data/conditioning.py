@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CONCAT_KINDS = ("sr", "inpaint")
 # Inpainting masks: one axis-aligned box per image, each side spanning this fraction of the image. Boxes
 # are drawn on the latent grid, so the pixel mask and its latent-resolution copy mark the same region.
 MASK_SIDE = (0.25, 0.75)
