@@ -74,6 +74,9 @@ class AutoencoderConfig:
     resolution: int = 256  # only locates attn_resolutions (given in pixels at each level)
     n_embed: int = 256  # VQ codebook size
     beta: float = 0.25  # VQ commitment weight
+    # VQ: plain = learned codes (LDM; loads CompVis weights); linear = SimVQ, a learned linear map of frozen
+    # random codes, which keeps a codebook trained from scratch in use (exports fold it back to plain)
+    codebook: str = "plain"
     scale_factor: float = 1.0
     shift_factor: float = 0.0
     weights: Optional[str] = None  # a file, diffusers folder, or stage-1 run directory
@@ -370,6 +373,7 @@ class ConfigError(ValueError):
 _CHOICES: dict[str, tuple[str, ...]] = {
     "stage": ("diffusion", "autoencoder", "demo"),
     "autoencoder.kind": ("kl", "vq"),
+    "autoencoder.codebook": ("plain", "linear"),
     "conditioner.kind": ("text", "class", "layout", "sr", "inpaint", "none"),
     "conditioner.text_layer": ("last", "penultimate"),
     "diffusion.prediction_type": ("eps", "v", "x0"),

@@ -79,6 +79,44 @@ def test_build_vq_from_config():
     assert vq.encode_moments(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 4, 4)
 
 
+def test_linear_codebook_trains_its_map_and_folds_to_the_same_codes(tmp_path):
+    from ldmscale.models.interop import load_autoencoder, save_autoencoder
+
+    torch.manual_seed(0)
+    vq = VQModel(z_channels=3, embed_dim=3, n_embed=32, codebook="linear", **TINY)
+    q = vq.quantize
+    torch.testing.assert_close(q.codebook(), q.embedding.weight @ q.codebook_proj.weight.t())
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = vq(pixels)
+    (out.reconstruction.square().mean() + out.qloss).backward()
+    assert q.embedding.weight.grad is None  # the random basis is frozen ...
+    assert q.codebook_proj.weight.grad.abs().sum() > 0  # ... the map from it to the codes is learned
+    assert "quantize.codebook_proj.weight" in vq.state_dict()
+    # export folds the map into plain codes: a plain VQModel with identical codes and reconstructions
+    save_autoencoder(vq, tmp_path / "ae")
+    assert vq.quantize.codebook_proj is not None and vq.config["codebook"] == "linear"  # not mutated
+    loaded = load_autoencoder(tmp_path / "ae")
+    assert loaded.quantize.codebook_proj is None and loaded.config["codebook"] == "plain"
+    assert "quantize.codebook_proj.weight" not in loaded.state_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.quantize.codebook(), vq.quantize.codebook())
+        ref = vq(pixels)
+        got = loaded(pixels)
+    assert torch.equal(got.indices, ref.indices)
+    torch.testing.assert_close(got.reconstruction, ref.reconstruction)
+
+
+def test_codebook_choice_is_validated():
+    import pytest
+
+    from ldmscale.config import ConfigError, compose
+
+    with pytest.raises(ValueError, match="codebook='cosine'"):
+        VQModel(n_embed=8, codebook="cosine", **TINY)
+    with pytest.raises(ConfigError, match="autoencoder.codebook"):
+        compose(["+experiment=ae_vq_f4", "autoencoder.codebook=cosine"])
+
+
 def test_latent_scaling_roundtrip_and_estimate():
     latents = torch.randn(64, 4, 8, 8) * 5.0 + 2.0
     scale = estimate_scale_factor(latents)

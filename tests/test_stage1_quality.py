@@ -1,7 +1,8 @@
-"""Stage-1 quality (slow): a shortened ae_demo / ae_vq_f4 run must clearly beat the mean-image baseline.
+"""Stage-1 quality (slow): a shortened ae_demo run must clearly beat the mean-image baseline, and
+ae_vq_f4 must reach its target (>= 26 dB, >= 50% codebook usage) by step 1000 of its shipped 1500.
 
-The full targets (ae_demo >= 30 dB in 3 min, VQ-f4 >= 26 dB with >= 50% codebook usage on 2 idle cores)
-are measured with tools/stage1_quality.py; these runs are cut to a fixed number of steps so they are
+The timed targets (ae_demo >= 30 dB in 3 min, KL-f4 64 px >= 31 dB in 10 min on 2 idle cores) are
+measured with tools/stage1_quality.py; these runs are cut to a fixed number of steps so they are
 deterministic and do not depend on how busy the machine is.
 """
 
@@ -43,20 +44,25 @@ def mean_image_psnr(root: Path) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", [
-    "ae_demo",
-    # Known gap (issue 8 stays open): the tiny VQ-f4 reaches ~21 dB after 600 steps, short of
-    # baseline + 6 dB (~23 dB); its recipe still needs work. Kept running so a fix shows as XPASS.
-    pytest.param("ae_vq_f4", marks=pytest.mark.xfail(reason="VQ-f4 recipe below target at 600 steps", strict=False)),
-])
-def test_shortened_run_beats_the_baseline(shards32, experiment, tmp_path):
+def test_shortened_ae_demo_beats_the_baseline(shards32, tmp_path):
     baseline = mean_image_psnr(shards32)
-    result = _quality_tool().main([
-        "--experiment", experiment, "--train", str(shards32 / "train" / "shapes-{000000..000003}.tar"),
-        "--val", str(shards32 / "val" / "shapes-000000.tar"), "--max-steps", "600", "--eval-every-steps", "600",
-        "--threads", "2", "--out", str(tmp_path / "curve.json")])
-    final = result["curve"][-1]
-    assert final["step"] == 600
+    final = run_quality(shards32, tmp_path, "ae_demo", steps=600)
     assert final["psnr"] > baseline + 6.0, (final, baseline)
-    if experiment == "ae_vq_f4":
-        assert final["codebook_usage"] > 0.1, final
+
+
+@pytest.mark.slow
+def test_ae_vq_f4_meets_the_issue_target(shards32, tmp_path):
+    """>= 26 dB with >= 50% of the codebook in use by step 1000 (31.5 dB, 65% in use measured here; the
+    usage climbs to ~99% by the recipe's step 1500)."""
+    final = run_quality(shards32, tmp_path, "ae_vq_f4", steps=1000)
+    assert final["psnr"] >= 26.0 and final["codebook_usage"] >= 0.5, final
+
+
+def run_quality(root: Path, tmp_path: Path, experiment: str, steps: int) -> dict:
+    result = _quality_tool().main([
+        "--experiment", experiment, "--train", str(root / "train" / "shapes-{000000..000003}.tar"),
+        "--val", str(root / "val" / "shapes-000000.tar"), "--max-steps", str(steps),
+        "--eval-every-steps", str(steps), "--threads", "2", "--out", str(tmp_path / "curve.json")])
+    final = result["curve"][-1]
+    assert final["step"] == steps
+    return final

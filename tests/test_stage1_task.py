@@ -114,7 +114,8 @@ def test_two_rank_zero2_vq(shards, tmp_path):
     run_dir = tmp_path / "zero2"
     run_stage1(tiny_overrides(shards, run_dir, "trainer.max_steps=3", "deepspeed.zero_stage=2",
                               "deepspeed.gradient_clipping=1.0", "data.global_batch_size=8",
-                              "autoencoder.kind=vq", "autoencoder.n_embed=32", "autoencoder.double_z=false"),
+                              "autoencoder.kind=vq", "autoencoder.n_embed=32", "autoencoder.double_z=false",
+                              "autoencoder.codebook=linear"),  # a frozen basis among ZeRO-2's partitions
                world_size=2)
     records = read_metrics(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
@@ -125,7 +126,14 @@ def test_two_rank_zero2_vq(shards, tmp_path):
     assert meta["world_size"] == 2 and meta["zero_stage"] == {"discriminator": 2, "generator": 2}
     from ldmscale.stage1 import load_autoencoder_from_run
 
-    assert load_autoencoder_from_run(run_dir).quantize.n_embed == 32
+    exported = load_autoencoder_from_run(run_dir)
+    assert exported.quantize.n_embed == 32 and exported.config["codebook"] == "plain"  # folded on export
+    # the ZeRO-2 checkpoint holds the frozen basis and the learned map; the export holds their product
+    from ldmscale.checkpoint import load_run_weights
+
+    state, _ = load_run_weights(run_dir, ema=False, engine="generator")
+    basis, proj = state["autoencoder.quantize.embedding.weight"], state["autoencoder.quantize.codebook_proj.weight"]
+    torch.testing.assert_close(exported.quantize.codebook(), basis @ proj.t())
 
 
 def test_rfid_is_logged_when_inception_weights_are_given(shards, tmp_path):

@@ -319,23 +319,51 @@ class VQOutput:
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-codebook quantiser with the straight-through estimator (van den Oord et al. 2017)."""
+    """Nearest-codebook quantiser with the straight-through estimator (van den Oord et al. 2017).
 
-    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25):
+    codebook="plain" learns the codes directly (LDM). codebook="linear" (SimVQ, Zhu et al. 2024) learns a
+    linear map of a frozen random basis instead, so each step moves the whole codebook towards the
+    encoder rather than only the codes that won: a small codebook trained from scratch otherwise
+    collapses (ae_vq_f4 with plain codes: ~10% of 256 in use). `fold()` gives the plain form for export.
+    """
+
+    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, codebook: str = "plain"):
         super().__init__()
+        if codebook not in ("plain", "linear"):
+            raise ValueError(f"codebook={codebook!r} is not one of ['plain', 'linear']")
         self.n_embed, self.embed_dim, self.beta = n_embed, embed_dim, beta
         self.embedding = nn.Embedding(n_embed, embed_dim)
-        self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
+        self.codebook_proj: Optional[nn.Linear] = None
+        if codebook == "plain":
+            self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
+        else:
+            nn.init.normal_(self.embedding.weight, std=embed_dim**-0.5)
+            self.embedding.weight.requires_grad_(False)
+            self.codebook_proj = nn.Linear(embed_dim, embed_dim, bias=False)
+
+    def codebook(self) -> torch.Tensor:
+        """The codes [n_embed, embed_dim]."""
+        weight = self.embedding.weight
+        return weight if self.codebook_proj is None else self.codebook_proj(weight)
+
+    @torch.no_grad()
+    def fold(self) -> VectorQuantizer:
+        """Linear → plain with the same codes, in place (inference needs only the codebook)."""
+        if self.codebook_proj is not None:
+            self.embedding.weight.copy_(self.codebook())
+            self.embedding.weight.requires_grad_(True)
+            self.codebook_proj = None
+        return self
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """z [B,C,h,w] → nearest code indices [B,h,w]."""
         flat = z.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
-        codebook = self.embedding.weight
+        codebook = self.codebook()
         dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None]
         return dist.argmin(1).reshape(z.shape[0], z.shape[2], z.shape[3])
 
     def codes_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.embedding(indices).permute(0, 3, 1, 2).contiguous()
+        return F.embedding(indices, self.codebook()).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         indices = self.lookup(z)
@@ -356,13 +384,14 @@ class VQModel(_LatentScaling, nn.Module):
     def __init__(self, *, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (), in_channels: int = 3, out_ch: int = 3, resolution: int = 256,
                  z_channels: int = 3, embed_dim: int = 3, n_embed: int = 8192, beta: float = 0.25,
-                 dropout: float = 0.0, scale_factor: float = 1.0, shift_factor: float = 0.0):
+                 codebook: str = "plain", dropout: float = 0.0, scale_factor: float = 1.0,
+                 shift_factor: float = 0.0):
         super().__init__()
         kw = _coder_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
         self.encoder = Encoder(in_channels=in_channels, double_z=False, **kw)
         self.decoder = Decoder(out_ch=out_ch, **kw)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.quantize = VectorQuantizer(n_embed, embed_dim, beta)
+        self.quantize = VectorQuantizer(n_embed, embed_dim, beta, codebook)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.embed_dim = embed_dim
         self.latent_channels = embed_dim
@@ -371,8 +400,8 @@ class VQModel(_LatentScaling, nn.Module):
         self.config = dict(kind="vq", ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), in_channels=in_channels, out_ch=out_ch,
                            resolution=resolution, z_channels=z_channels, embed_dim=embed_dim, n_embed=n_embed,
-                           beta=beta, double_z=False, dropout=dropout, scale_factor=self.scale_factor,
-                           shift_factor=self.shift_factor)
+                           beta=beta, codebook=codebook, double_z=False, dropout=dropout,
+                           scale_factor=self.scale_factor, shift_factor=self.shift_factor)
 
     def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels → the pre-quantisation latent [B, embed_dim, h, w] (LDM trains stage 2 on it)."""
@@ -399,6 +428,12 @@ class VQModel(_LatentScaling, nn.Module):
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
 
+    def fold(self) -> VQModel:
+        """In place: a linear codebook becomes the plain one it computes (what every LDM loader reads)."""
+        self.quantize.fold()
+        self.config["codebook"] = "plain"
+        return self
+
 
 def build_autoencoder(cfg) -> AutoencoderKL | VQModel:
     """Build from an `AutoencoderConfig`; `cfg.weights` (a file or folder) loads trained weights."""
@@ -409,7 +444,7 @@ def build_autoencoder(cfg) -> AutoencoderKL | VQModel:
     if cfg.kind == "kl":
         model: AutoencoderKL | VQModel = AutoencoderKL(double_z=cfg.double_z, **common)
     elif cfg.kind == "vq":
-        model = VQModel(n_embed=cfg.n_embed, beta=cfg.beta, **common)
+        model = VQModel(n_embed=cfg.n_embed, beta=cfg.beta, codebook=cfg.codebook, **common)
     else:
         raise ValueError(f"autoencoder.kind={cfg.kind!r} is not one of ['kl', 'vq']")
     if cfg.weights:

@@ -6,6 +6,7 @@ by a prefix map generated from the model's own structure. Arbitrary pickles are 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -484,7 +485,12 @@ def save_unet(model: UNet, path: str | Path, format: str = "ldmscale") -> Path:
 
 
 def save_autoencoder(model: AutoencoderKL | VQModel, path: str | Path, format: str = "ldmscale") -> Path:
-    """Save as our export (folder), a diffusers `vae/` folder, or an LDM file (.ckpt or .safetensors)."""
+    """Save as our export (folder), a diffusers `vae/` folder, or an LDM file (.ckpt or .safetensors).
+
+    A VQ model with a linear (SimVQ) codebook is saved folded into the plain codebook it computes."""
+    if isinstance(model, VQModel) and model.quantize.codebook_proj is not None:
+        model = copy.deepcopy(model).fold()
+
     def squeeze(key: str, value: torch.Tensor) -> torch.Tensor:
         # diffusers' VAE attention uses Linear projections where LDM has 1x1 convs
         if ".mid_block.attentions." in key and key.endswith("weight") and value.dim() == 4:
