@@ -106,6 +106,16 @@ def test_linear_codebook_trains_its_map_and_folds_to_the_same_codes(tmp_path):
     torch.testing.assert_close(got.reconstruction, ref.reconstruction)
 
 
+def test_bf16_lookup_finds_the_exact_nearest_code():
+    torch.manual_seed(0)
+    q = VQModel(n_embed=1024, embed_dim=3, z_channels=3, **TINY).quantize.to(torch.bfloat16)
+    q.embedding.weight.data.normal_()  # trained-codebook scale, where bf16 distances tie and misorder
+    z = torch.randn(4, 3, 16, 16).to(torch.bfloat16)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    exact = torch.cdist(flat, q.codebook().double()).argmin(1).reshape(4, 16, 16)
+    assert torch.equal(q.lookup(z), exact)
+
+
 def test_codebook_choice_is_validated():
     import pytest
 

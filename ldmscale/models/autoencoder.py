@@ -356,9 +356,10 @@ class VectorQuantizer(nn.Module):
         return self
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B,C,h,w] → nearest code indices [B,h,w]."""
-        flat = z.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
-        codebook = self.codebook()
+        """z [B,C,h,w] → nearest code indices [B,h,w]. Distances in fp32: in bf16 (8 mantissa bits) the
+        expanded |z|² - 2z·c + |c|² loses the small differences between near codes."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.embed_dim).float()
+        codebook = self.codebook().float()
         dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None]
         return dist.argmin(1).reshape(z.shape[0], z.shape[2], z.shape[3])
 
