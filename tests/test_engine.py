@@ -48,3 +48,23 @@ def test_memory_estimates_shrink_with_stage_and_gpus():
     assert z2_8.gpu_bytes == 2 * n + int(18 * n / 8)
     assert z3_64.gpu_bytes < z3_8.gpu_bytes < z2_8.gpu_bytes and z2_64.gpu_bytes < z2_8.gpu_bytes
     assert math.isclose(eng.estimate_model_state_memory(n, layer, zero_stage=0, num_gpus=8).gpu_bytes, 16 * n)
+
+
+def test_single_rank_engine_skips_the_allreduce_and_trains_as_torch_does(tmp_path):
+    """Alone, ZeRO-0 fp32: no gradient all-reduce, and the same weights as torch AdamW with the same
+    accumulation (2 micro-batches) and clipping (active: every pre-clip norm is above the limit)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, str(root / "tests" / "workers" / "engine_vs_torch.py")], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["allreduce"] is False and out["steps"] == 5
+    assert out["min_grad_norm"] > 0.05 and out["moved"] > 1e-3
+    assert out["max_abs_diff"] < 1e-6, out
