@@ -104,6 +104,11 @@ def test_linear_codebook_trains_its_map_and_folds_to_the_same_codes(tmp_path):
         got = loaded(pixels)
     assert torch.equal(got.indices, ref.indices)
     torch.testing.assert_close(got.reconstruction, ref.reconstruction)
+    # the training config (codebook=linear) pointed at the folded export, as the cache job does
+    cfg = AutoencoderConfig(kind="vq", double_z=False, z_channels=3, embed_dim=3, n_embed=32, codebook="linear",
+                            weights=str(tmp_path / "ae"), **TINY)
+    rebuilt = build_autoencoder(cfg)
+    torch.testing.assert_close(rebuilt.quantize.codebook(), vq.quantize.codebook())
 
 
 def test_bf16_lookup_finds_the_exact_nearest_code():

@@ -434,6 +434,8 @@ def _read_autoencoder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def load_autoencoder_weights(model: AutoencoderKL | VQModel, path: str | Path) -> AutoencoderKL | VQModel:
     _, state, source = _read_autoencoder(Path(path))
+    if isinstance(model, VQModel) and not any(k.endswith("quantize.codebook_proj.weight") for k in state):
+        model.fold()  # a config with codebook=linear reading plain codes (every export is folded)
     _strict_load(model, state, source)
     return model
 
