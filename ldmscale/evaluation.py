@@ -90,7 +90,6 @@ def save_grid(rows: list[torch.Tensor], path: str | Path) -> Path:
     return path
 
 
-
 # ---------------------------------------------------------------------------- rFID
 class InceptionFeatures(torch.nn.Module):
     """torchvision Inception-v3 pool features (2048-d) for FID, from a local state dict (nothing downloaded).

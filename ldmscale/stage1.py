@@ -106,6 +106,7 @@ class AutoencoderTask:
             self.loss_fn.perceptual.to(self.device)
         self.micro_steps = 0
         self.logger: Any = None  # the run's metrics sink, for evaluation results (set by the runner)
+        self._inception_net: Optional[evaluation.InceptionFeatures] = None  # built on first rFID evaluation
         # The decoder's last-layer input, for the adaptive weight (see train_step).
         self._conv_out_input = torch.empty(0)
         self.autoencoder.decoder.conv_out.register_forward_hook(self._capture_conv_out_input)
@@ -295,7 +296,7 @@ class AutoencoderTask:
         """The rFID network, built once, when ae_loss.inception_weights names a file."""
         if not self.cfg.ae_loss.inception_weights:
             return None
-        if getattr(self, "_inception_net", None) is None:
+        if self._inception_net is None:
             self._inception_net = evaluation.InceptionFeatures(self.cfg.ae_loss.inception_weights).to(self.device)
         return self._inception_net
 

@@ -1,6 +1,11 @@
 """Unit tests of the DeepSpeed config builder, batch arithmetic, lr schedule and memory estimates."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,12 +58,6 @@ def test_memory_estimates_shrink_with_stage_and_gpus():
 def test_single_rank_engine_skips_the_allreduce_and_trains_as_torch_does(tmp_path):
     """Alone, ZeRO-0 fp32: no gradient all-reduce, and the same weights as torch AdamW with the same
     accumulation (2 micro-batches) and clipping (active: every pre-clip norm is above the limit)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     proc = subprocess.run([sys.executable, str(root / "tests" / "workers" / "engine_vs_torch.py")], env=env,

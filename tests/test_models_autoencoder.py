@@ -1,8 +1,9 @@
 """Autoencoders: shapes, posterior maths, VQ straight-through, latent scaling."""
 
+import pytest
 import torch
 
-from ldmscale.config import AutoencoderConfig
+from ldmscale.config import AutoencoderConfig, ConfigError, compose
 from ldmscale.models import (
     AutoencoderKL,
     DiagonalGaussian,
@@ -13,6 +14,7 @@ from ldmscale.models import (
     scale_latents,
     unscale_latents,
 )
+from ldmscale.models.interop import load_autoencoder, save_autoencoder
 
 TINY = dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], resolution=16)
 
@@ -80,8 +82,6 @@ def test_build_vq_from_config():
 
 
 def test_linear_codebook_trains_its_map_and_folds_to_the_same_codes(tmp_path):
-    from ldmscale.models.interop import load_autoencoder, save_autoencoder
-
     torch.manual_seed(0)
     vq = VQModel(z_channels=3, embed_dim=3, n_embed=32, codebook="linear", **TINY)
     q = vq.quantize
@@ -122,10 +122,6 @@ def test_bf16_lookup_finds_the_exact_nearest_code():
 
 
 def test_codebook_choice_is_validated():
-    import pytest
-
-    from ldmscale.config import ConfigError, compose
-
     with pytest.raises(ValueError, match="codebook='cosine'"):
         VQModel(n_embed=8, codebook="cosine", **TINY)
     with pytest.raises(ConfigError, match="autoencoder.codebook"):

@@ -282,12 +282,12 @@ def initialize(
         model=model, optimizer=optimizer, model_parameters=model_parameters,
         lr_scheduler=make_scheduler, config=ds_config,
     )
-    fp32 = not (ds_config["bf16"]["enabled"] or ds_config["fp16"]["enabled"])
-    if world_size == 1 and ds_config["zero_optimization"]["stage"] == 0 and fp32:
+    engine = Engine(ds_engine, ds_config, scheduler or holder.get("sched"))
+    if world_size == 1 and engine.zero_stage == 0 and engine.compute_dtype == torch.float32:
         # Alone, DeepSpeed would still flatten, "all-reduce" and copy back every gradient each step (6% of
         # the demo's step on CPU) for an identical result. (The bf16/fp16 optimizers keep their own path.)
         ds_engine.enable_backward_allreduce = False
-    return Engine(ds_engine, ds_config, scheduler or holder.get("sched"))
+    return engine
 
 
 def zero3_init_context(ds_config: dict[str, Any] | None, enabled: bool):
