@@ -47,6 +47,12 @@ class UNetConfig:
     num_classes: Optional[int] = None
     adm_in_channels: Optional[int] = None  # vector conditioning (SDXL: pooled text + size embeddings)
     norm_num_groups: int = 32
+    # transformer (SpatialTransformer) | plain (the original AttentionBlock of LDM's unconditional/concat models)
+    attention_block: str = "transformer"
+    use_new_attention_order: bool = False  # plain blocks: q/k/v split before heads (the original's QKVAttention)
+    num_heads_upsample: int = -1  # plain blocks with num_heads: the decoder half's head count (-1: num_heads)
+    disable_self_attentions: Optional[list[bool]] = None  # per level: attn1 attends to the context (SD x4 upscaler)
+    disable_middle_self_attn: bool = False
     weights: Optional[str] = None  # start from a checkpoint (LDM file, diffusers folder or our export)
     attention_backend: str = "sdpa"  # sdpa | xformers | math
     gradient_checkpointing: bool = False
@@ -72,6 +78,7 @@ class AutoencoderConfig:
     double_z: bool = True
     dropout: float = 0.0
     resolution: int = 256  # only locates attn_resolutions (given in pixels at each level)
+    attn_type: str = "vanilla"  # vanilla | none (LDM's vq-f4-noattn: no attention, not even in the mid block)
     n_embed: int = 256  # VQ codebook size
     beta: float = 0.25  # VQ commitment weight
     # VQ: plain = learned codes (LDM; loads CompVis weights); linear = SimVQ, a learned linear map of frozen

@@ -1,4 +1,5 @@
-"""Multi-head (cross-)attention and the SpatialTransformer of the LDM U-Net; backends sdpa | xformers | math.
+"""Multi-head (cross-)attention, the SpatialTransformer of the LDM U-Net and the original plain AttentionBlock;
+backends sdpa | xformers | math.
 
 Parameter names match both the original LDM/SD code and diffusers' Transformer2DModel, so the
 transformer blocks of either checkpoint format load without renaming inside a block."""
@@ -99,20 +100,27 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention → cross-attention → GEGLU feed-forward, each residual."""
+    """Pre-norm self-attention → cross-attention → GEGLU feed-forward, each residual.
+
+    disable_self_attn (SD x4 upscaler): the first attention also attends to the context instead of x."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: Optional[int] = None,
-                 dropout: float = 0.0, backend: str = "sdpa"):
+                 dropout: float = 0.0, backend: str = "sdpa", disable_self_attn: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout, backend)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads, dim_head, dropout, backend)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout, backend)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context, mask if context is not None else None)
+        mask = mask if context is not None else None
+        if self.disable_self_attn:
+            x = x + self.attn1(self.norm1(x), context, mask)
+        else:
+            x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
         return x + self.ff(self.norm3(x))
 
 
@@ -120,14 +128,16 @@ class SpatialTransformer(nn.Module):
     """Feature map → tokens → `depth` transformer blocks → feature map, residual (LDM sec. 3.3)."""
 
     def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int = 1, context_dim: Optional[int] = None,
-                 dropout: float = 0.0, use_linear: bool = False, norm_num_groups: int = 32, backend: str = "sdpa"):
+                 dropout: float = 0.0, use_linear: bool = False, norm_num_groups: int = 32, backend: str = "sdpa",
+                 disable_self_attn: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, backend) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, backend, disable_self_attn)
+            for _ in range(depth))
         proj_out = nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
         nn.init.zeros_(proj_out.weight)  # zero-init: each block starts as the identity (as in LDM)
         nn.init.zeros_(proj_out.bias)
@@ -161,3 +171,37 @@ class SpatialTransformer(nn.Module):
         # x_in first: the sum takes x_in's memory format (NCHW stays NCHW, channels_last stays channels_last)
         # instead of the token layout's NHWC strides leaking into every later GroupNorm/conv
         return x_in + x
+
+
+class AttentionBlock(nn.Module):
+    """The original LDM/ADM plain spatial self-attention (openaimodel.AttentionBlock): GroupNorm → one 1x1 qkv
+    projection → `heads` heads → 1x1 proj_out, residual. No context. The head layout of the qkv channels
+    follows the original: legacy order (QKVAttentionLegacy, LDM's default) splits heads before q/k/v,
+    [h0: q k v | h1: q k v | ...]; new order (QKVAttention, use_new_attention_order) splits q/k/v first,
+    [q: h0 h1 ... | k: ... | v: ...]. The order is not visible in the weights: only a config tells."""
+
+    def __init__(self, channels: int, heads: int, new_order: bool = False, norm_num_groups: int = 32,
+                 backend: str = "sdpa"):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention over {channels} channels cannot have {heads} heads")
+        self.heads, self.new_order, self.backend = heads, new_order, backend
+        self.norm = nn.GroupNorm(norm_num_groups, channels)  # the original's normalization(): eps 1e-5
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)  # zero_module in the original: starts as the identity
+        nn.init.zeros_(self.proj_out.bias)
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        flat = x.reshape(b, c, h * w)
+        qkv = self.qkv(self.norm(flat))  # [B,3C,HW]
+        layout = (b, 3, self.heads, -1, h * w) if self.new_order else (b, self.heads, 3, -1, h * w)
+        qkv = qkv.reshape(layout)
+        q, k, v = (qkv[:, i] if self.new_order else qkv[:, :, i] for i in range(3))  # [B,H,d,HW]
+        out = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), None, self.backend)
+        out = self.proj_out(out.transpose(-1, -2).reshape(b, c, h * w))  # heads back to channels, head-major
+        return (flat + out).reshape(b, c, h, w)

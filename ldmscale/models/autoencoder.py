@@ -92,11 +92,20 @@ class _Level(nn.Module):
         self.attn = nn.ModuleList()
 
 
+ATTN_TYPES = ("vanilla", "none")  # LDM's ddconfig.attn_type: "none" (vq-f4-noattn) has no attention at all
+
+
+def _attn(channels: int, attn_type: str) -> nn.Module:
+    if attn_type not in ATTN_TYPES:
+        raise ValueError(f"autoencoder attn_type={attn_type!r} is not one of {list(ATTN_TYPES)}")
+    return AttnBlock(channels) if attn_type == "vanilla" else nn.Identity()
+
+
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, attn_type: str = "vanilla"):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
+        self.attn_1 = _attn(channels, attn_type)
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -107,7 +116,8 @@ class Encoder(nn.Module):
     """pixels [B,C,H,W] → z [B, z_channels (x2 if double_z), H/f, W/f]."""
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True, dropout: float = 0.0):
+                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True, dropout: float = 0.0,
+                 attn_type: str = "vanilla"):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
@@ -121,12 +131,12 @@ class Encoder(nn.Module):
                 level.block.append(ResnetBlock(block_in, block_out, dropout))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(_attn(block_in, attn_type))
             if i != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in)
                 curr_res //= 2
             self.down.append(level)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, attn_type)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
@@ -147,13 +157,14 @@ class Decoder(nn.Module):
     """z [B, z_channels, h, w] → pixels [B, out_ch, h*f, w*f]."""
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 attn_resolutions: Sequence[int], resolution: int, z_channels: int, dropout: float = 0.0):
+                 attn_resolutions: Sequence[int], resolution: int, z_channels: int, dropout: float = 0.0,
+                 attn_type: str = "vanilla"):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, attn_type)
         up = []
         for i in reversed(range(self.num_resolutions)):
             level = _Level()
@@ -162,7 +173,7 @@ class Decoder(nn.Module):
                 level.block.append(ResnetBlock(block_in, block_out, dropout))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(_attn(block_in, attn_type))
             if i != 0:
                 level.upsample = Upsample(block_in)
                 curr_res *= 2
@@ -255,9 +266,9 @@ class _LatentScaling:
         return unscale_latents(z, self.scale_factor, self.shift_factor)
 
 
-def _coder_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout):
+def _coder_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout, attn_type):
     return dict(ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
-                resolution=resolution, z_channels=z_channels, dropout=dropout)
+                resolution=resolution, z_channels=z_channels, dropout=dropout, attn_type=attn_type)
 
 
 class AutoencoderKL(_LatentScaling, nn.Module):
@@ -266,11 +277,11 @@ class AutoencoderKL(_LatentScaling, nn.Module):
     def __init__(self, *, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (), in_channels: int = 3, out_ch: int = 3, resolution: int = 256,
                  z_channels: int = 4, embed_dim: int = 4, double_z: bool = True, dropout: float = 0.0,
-                 scale_factor: float = 1.0, shift_factor: float = 0.0):
+                 scale_factor: float = 1.0, shift_factor: float = 0.0, attn_type: str = "vanilla"):
         super().__init__()
         if not double_z:
             raise ValueError("AutoencoderKL needs double_z=True (the encoder predicts mean and logvar)")
-        kw = _coder_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
+        kw = _coder_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout, attn_type)
         self.encoder = Encoder(in_channels=in_channels, double_z=True, **kw)
         self.decoder = Decoder(out_ch=out_ch, **kw)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
@@ -282,7 +293,8 @@ class AutoencoderKL(_LatentScaling, nn.Module):
         self.config = dict(kind="kl", ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                            attn_resolutions=list(attn_resolutions), in_channels=in_channels, out_ch=out_ch,
                            resolution=resolution, z_channels=z_channels, embed_dim=embed_dim, double_z=True,
-                           dropout=dropout, scale_factor=self.scale_factor, shift_factor=self.shift_factor)
+                           dropout=dropout, scale_factor=self.scale_factor, shift_factor=self.shift_factor,
+                           attn_type=attn_type)
 
     def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B,3,H,W] in [-1,1] → moments [B, 2*embed_dim, h, w] (mean ‖ logvar)."""
@@ -386,9 +398,9 @@ class VQModel(_LatentScaling, nn.Module):
                  attn_resolutions: Sequence[int] = (), in_channels: int = 3, out_ch: int = 3, resolution: int = 256,
                  z_channels: int = 3, embed_dim: int = 3, n_embed: int = 8192, beta: float = 0.25,
                  codebook: str = "plain", dropout: float = 0.0, scale_factor: float = 1.0,
-                 shift_factor: float = 0.0):
+                 shift_factor: float = 0.0, attn_type: str = "vanilla"):
         super().__init__()
-        kw = _coder_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout)
+        kw = _coder_kwargs(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, dropout, attn_type)
         self.encoder = Encoder(in_channels=in_channels, double_z=False, **kw)
         self.decoder = Decoder(out_ch=out_ch, **kw)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
@@ -402,7 +414,7 @@ class VQModel(_LatentScaling, nn.Module):
                            attn_resolutions=list(attn_resolutions), in_channels=in_channels, out_ch=out_ch,
                            resolution=resolution, z_channels=z_channels, embed_dim=embed_dim, n_embed=n_embed,
                            beta=beta, codebook=codebook, double_z=False, dropout=dropout,
-                           scale_factor=self.scale_factor, shift_factor=self.shift_factor)
+                           scale_factor=self.scale_factor, shift_factor=self.shift_factor, attn_type=attn_type)
 
     def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels → the pre-quantisation latent [B, embed_dim, h, w] (LDM trains stage 2 on it)."""
@@ -441,7 +453,8 @@ def build_autoencoder(cfg) -> AutoencoderKL | VQModel:
     common = dict(ch=cfg.ch, ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                   attn_resolutions=list(cfg.attn_resolutions), in_channels=cfg.in_channels, out_ch=cfg.out_ch,
                   resolution=getattr(cfg, "resolution", 256), z_channels=cfg.z_channels, embed_dim=cfg.embed_dim,
-                  dropout=cfg.dropout, scale_factor=cfg.scale_factor, shift_factor=cfg.shift_factor)
+                  dropout=cfg.dropout, scale_factor=cfg.scale_factor, shift_factor=cfg.shift_factor,
+                  attn_type=cfg.attn_type)
     if cfg.kind == "kl":
         model: AutoencoderKL | VQModel = AutoencoderKL(double_z=cfg.double_z, **common)
     elif cfg.kind == "vq":

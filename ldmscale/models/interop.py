@@ -2,22 +2,28 @@
 our own export (model.safetensors + config.json), for the U-Net and AutoencoderKL/VQModel.
 
 Our modules use LDM's parameter names, so the LDM format is a prefix away; diffusers names are produced
-by a prefix map generated from the model's own structure. Arbitrary pickles are never loaded."""
+by a prefix map generated from the model's own structure. Arbitrary pickles are never loaded.
+
+An LDM/SD file carries no config: its structure is read from the original .yaml when given
+(`original_config=`), else inferred from the weights. Head counts (and a few flags) leave no trace in the
+weights, so inference refuses where they are not pinned by a known family instead of guessing."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldmscale.models.attention import SpatialTransformer
+from ldmscale.models.attention import AttentionBlock, SpatialTransformer
 from ldmscale.models.autoencoder import AutoencoderKL, VQModel
-from ldmscale.models.unet import Downsample, ResBlock, UNet, Upsample
+from ldmscale.models.unet import Downsample, ResBlock, UNet, Upsample, _per_level
 
 UNET_PREFIX = "model.diffusion_model."
 AE_PREFIX = "first_stage_model."
@@ -87,21 +93,126 @@ def _rename(state: dict[str, torch.Tensor], prefix_map: dict[str, str]) -> dict[
     return out
 
 
+# ------------------------------------------------------------------------------------------ original configs
+def read_original_config(original_config: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """The .yaml shipped with an LDM/SD checkpoint (a path, or the already-parsed dict)."""
+    if isinstance(original_config, dict):
+        return original_config
+    path = Path(original_config)
+    loaded = yaml.safe_load(path.read_text())
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: not an LDM/SD config (expected a YAML mapping)")
+    return loaded
+
+
+def _original_section(cfg: dict[str, Any], sections: tuple[str, ...], targets: tuple[str, ...],
+                      what: str) -> tuple[str, dict[str, Any]]:
+    """(target, params) of the sub-config named by `sections` under model.params, or of `model` itself."""
+    model = cfg.get("model", cfg)
+    params = model.get("params") or {}
+    for name in sections:
+        if isinstance(params.get(name), dict):
+            return params[name].get("target", ""), params[name].get("params") or {}
+    if any(str(model.get("target", "")).endswith(t) for t in targets):
+        return model["target"], params
+    raise ValueError(f"original config has no {what} (looked for model.params.{'/'.join(sections)} "
+                     f"and a model.target ending in {'/'.join(targets)})")
+
+
+def unet_config_from_original(original_config: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """Our UNet keyword arguments from an LDM/SD/SDXL config's `unet_config` (or sgm `network_config`), with the
+    original's head arithmetic: heads, attention levels, depths, plain vs transformer attention and all."""
+    _, p = _original_section(read_original_config(original_config), ("unet_config", "network_config"),
+                             ("UNetModel",), "U-Net (unet_config/network_config)")
+    for key, want in (("dims", 2), ("n_embed", None), ("num_attention_blocks", None)):
+        if p.get(key, want) != want:
+            raise ValueError(f"original unet_config {key}={p[key]!r} is not supported (expected {want!r})")
+    mult = list(p.get("channel_mult", (1, 2, 4, 8)))
+    spatial = bool(p.get("use_spatial_transformer", False))
+    depth = p.get("transformer_depth", 1)
+    depth = list(depth) if isinstance(depth, (list, tuple)) else [depth] * len(mult)
+    context_dim = p.get("context_dim")
+    if isinstance(context_dim, (list, tuple)):
+        if len(set(context_dim)) != 1:
+            raise ValueError(f"original unet_config context_dim={context_dim}: per-level context widths are not "
+                             "supported")
+        context_dim = context_dim[0]
+    num_heads, num_head_channels = p.get("num_heads", -1), p.get("num_head_channels", -1)
+    legacy = p.get("legacy", True)
+    num_classes, adm = p.get("num_classes"), p.get("adm_in_channels")
+    if num_classes == "sequential":
+        num_classes = None
+    elif adm is not None:
+        raise ValueError("original unet_config sets adm_in_channels without num_classes: 'sequential'")
+    disabled = p.get("disable_self_attentions")
+    kwargs = dict(in_channels=p["in_channels"], out_channels=p["out_channels"], model_channels=p["model_channels"],
+                  channel_mult=mult, num_res_blocks=p["num_res_blocks"],
+                  attention_resolutions=list(p["attention_resolutions"]), num_heads=num_heads,
+                  num_head_channels=num_head_channels, dropout=float(p.get("dropout", 0.0)),
+                  use_scale_shift_norm=bool(p.get("use_scale_shift_norm", False)),
+                  resblock_updown=bool(p.get("resblock_updown", False)),
+                  conv_resample=bool(p.get("conv_resample", True)), num_classes=num_classes, adm_in_channels=adm)
+    if spatial:
+        middle = p.get("transformer_depth_middle")
+        kwargs.update(attention_block="transformer", transformer_depth=depth, context_dim=context_dim,
+                      transformer_depth_middle=depth[-1] if middle is None else middle,
+                      use_linear_in_transformer=bool(p.get("use_linear_in_transformer", False)),
+                      disable_self_attentions=None if disabled is None else [bool(d) for d in disabled],
+                      disable_middle_self_attn=bool(p.get("disable_middle_self_attn", False)))
+    else:
+        if context_dim is not None:
+            raise ValueError("original unet_config has context_dim without use_spatial_transformer")
+        # the original's output blocks pass num_heads_upsample only in legacy mode with num_heads
+        upsample = p.get("num_heads_upsample", -1) if legacy and num_head_channels == -1 else -1
+        kwargs.update(attention_block="plain", transformer_depth=[1] * len(mult), transformer_depth_middle=1,
+                      context_dim=None, use_new_attention_order=bool(p.get("use_new_attention_order", False)),
+                      num_heads_upsample=upsample)
+    return kwargs
+
+
+def autoencoder_config_from_original(original_config: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """Our autoencoder keyword arguments from an LDM/SD config's `first_stage_config` or a first-stage model's own
+    config (models/first_stage_models/*/config.yaml), with the latent scale factor of a full LDM/SD config."""
+    cfg = read_original_config(original_config)
+    target, p = _original_section(cfg, ("first_stage_config",), ("AutoencoderKL", "VQModel", "VQModelInterface"),
+                                  "first stage (first_stage_config)")
+    dd = p.get("ddconfig") or {}
+    attn_type = dd.get("attn_type", "vanilla")
+    attn_type = "vanilla" if attn_type == "vanilla-xformers" else attn_type
+    for key, want in (("resamp_with_conv", True), ("tanh_out", False), ("give_pre_end", False)):
+        if dd.get(key, want) != want:
+            raise ValueError(f"original ddconfig {key}={dd[key]!r} is not supported (expected {want!r})")
+    kwargs = dict(ch=dd["ch"], ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                  attn_resolutions=list(dd.get("attn_resolutions") or []), in_channels=dd["in_channels"],
+                  out_ch=dd["out_ch"], resolution=dd["resolution"], z_channels=dd["z_channels"],
+                  embed_dim=p["embed_dim"], dropout=float(dd.get("dropout", 0.0)), attn_type=attn_type)
+    if "n_embed" in p or "VQ" in target:
+        kwargs.update(kind="vq", n_embed=p["n_embed"])
+    else:
+        kwargs["kind"] = "kl"
+    model_params = cfg.get("model", {}).get("params") or {}
+    if "first_stage_config" in model_params:  # a full LDM/SD config: LatentDiffusion's default scale is 1.0
+        kwargs["scale_factor"] = float(model_params.get("scale_factor", 1.0))
+    return kwargs
+
+
 # ------------------------------------------------------------------------------------------ U-Net
 _RESNET = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
            "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut."}
+_PLAIN_ATTN = {"norm.": "group_norm.", "proj_out.": "to_out.0."}  # qkv: split by _plain_attention_to_linear
 
 
 def _unet_layer_map(ours: str, theirs: str, layer: nn.Module) -> dict[str, str]:
     if isinstance(layer, ResBlock):
-        if layer.updown:
-            raise ValueError("diffusers has no resblock_updown U-Net: export with format='ldm' or 'ldmscale'")
         return {ours + a: theirs + b for a, b in _RESNET.items()}
+    if isinstance(layer, AttentionBlock):
+        return {ours + a: theirs + b for a, b in {**_PLAIN_ATTN, "to_": "to_"}.items()}
     return {ours: theirs}
 
 
 def unet_key_map(model: UNet) -> dict[str, str]:
-    """Our (= LDM) key prefixes → diffusers UNet2DConditionModel key prefixes."""
+    """Our (= LDM) key prefixes → diffusers UNet2DConditionModel / UNet2DModel key prefixes (plain attention's
+    fused qkv is split into to_q/to_k/to_v first: `_plain_attention_to_linear`)."""
     cfg = model.config
     if not cfg["conv_resample"]:
         raise ValueError("diffusers U-Nets need conv_resample=True")
@@ -120,15 +231,17 @@ def unet_key_map(model: UNet) -> dict[str, str]:
             ours = f"input_blocks.{n}.{k}."
             if isinstance(layer, Downsample):
                 mapping[ours + "op."] = f"down_blocks.{level}.downsamplers.0.conv."
-            elif isinstance(layer, SpatialTransformer):
-                mapping[ours] = f"down_blocks.{level}.attentions.{j}."
+            elif isinstance(layer, ResBlock) and layer.updown:
+                mapping.update(_unet_layer_map(ours, f"down_blocks.{level}.downsamplers.0.", layer))
+            elif isinstance(layer, (SpatialTransformer, AttentionBlock)):
+                mapping.update(_unet_layer_map(ours, f"down_blocks.{level}.attentions.{j}.", layer))
             else:
                 mapping.update(_unet_layer_map(ours, f"down_blocks.{level}.resnets.{j}.", layer))
     resnets = 0
     for k, layer in enumerate(model.middle_block):
         ours = f"middle_block.{k}."
-        if isinstance(layer, SpatialTransformer):
-            mapping[ours] = "mid_block.attentions.0."
+        if isinstance(layer, (SpatialTransformer, AttentionBlock)):
+            mapping.update(_unet_layer_map(ours, "mid_block.attentions.0.", layer))
         else:
             mapping.update(_unet_layer_map(ours, f"mid_block.resnets.{resnets}.", layer))
             resnets += 1
@@ -138,12 +251,49 @@ def unet_key_map(model: UNet) -> dict[str, str]:
             ours = f"output_blocks.{n}.{k}."
             if isinstance(layer, Upsample):
                 mapping[ours + "conv."] = f"up_blocks.{up}.upsamplers.0.conv."
-            elif isinstance(layer, SpatialTransformer):
-                mapping[ours] = f"up_blocks.{up}.attentions.{j}."
+            elif isinstance(layer, ResBlock) and k > 0:  # resblock_updown's upsampler
+                mapping.update(_unet_layer_map(ours, f"up_blocks.{up}.upsamplers.0.", layer))
+            elif isinstance(layer, (SpatialTransformer, AttentionBlock)):
+                mapping.update(_unet_layer_map(ours, f"up_blocks.{up}.attentions.{j}.", layer))
             else:
                 mapping.update(_unet_layer_map(ours, f"up_blocks.{up}.resnets.{j}.", layer))
     assert up == levels - 1
     return mapping
+
+
+def _plain_attention_to_linear(state: dict[str, torch.Tensor], model: UNet) -> dict[str, torch.Tensor]:
+    """Each AttentionBlock's fused 1x1 qkv → diffusers' to_q/to_k/to_v Linear weights (heads concatenated), in
+    the block's head order (legacy: [h: q k v]..., new: [q: h...][k][v]); proj_out → a Linear weight."""
+    out = dict(state)
+    for name, module in model.named_modules():
+        if not isinstance(module, AttentionBlock):
+            continue
+        for kind in ("weight", "bias"):
+            fused = out.pop(f"{name}.qkv.{kind}")
+            c = fused.shape[0] // 3
+            split = fused.reshape((3, module.heads, c // module.heads, -1) if module.new_order
+                                  else (module.heads, 3, c // module.heads, -1))
+            for i, q in enumerate("qkv"):
+                part = split[i] if module.new_order else split[:, i]
+                out[f"{name}.to_{q}.{kind}"] = part.reshape(c, -1) if kind == "weight" else part.reshape(c)
+        out[f"{name}.proj_out.weight"] = out[f"{name}.proj_out.weight"][..., 0]
+    return out
+
+
+def _plain_attention_from_linear(state: dict[str, torch.Tensor], model: UNet) -> dict[str, torch.Tensor]:
+    """Inverse of `_plain_attention_to_linear` on keys already renamed back to our prefixes."""
+    out = dict(state)
+    for name, module in model.named_modules():
+        if not isinstance(module, AttentionBlock) or f"{name}.to_q.weight" not in out:
+            continue
+        for kind in ("weight", "bias"):
+            parts = [out.pop(f"{name}.to_{q}.{kind}") for q in "qkv"]
+            c = parts[0].shape[0]
+            parts = [t.reshape(module.heads, c // module.heads, -1) for t in parts]
+            fused = torch.stack(parts, dim=0 if module.new_order else 1).reshape(3 * c, -1)
+            out[f"{name}.qkv.{kind}"] = fused[:, :, None] if kind == "weight" else fused.reshape(3 * c)
+        out[f"{name}.proj_out.weight"] = out[f"{name}.proj_out.weight"][:, :, None]
+    return out
 
 
 def _heads_per_level(cfg: dict[str, Any]) -> list[int]:
@@ -153,12 +303,45 @@ def _heads_per_level(cfg: dict[str, Any]) -> list[int]:
     return [c // cfg["num_head_channels"] for c in chans]
 
 
+def _attention_levels(cfg: dict[str, Any]) -> list[bool]:
+    depth = _per_level(cfg["transformer_depth"], len(cfg["channel_mult"]), "transformer_depth")
+    return [2 ** i in cfg["attention_resolutions"] and depth[i] > 0 for i in range(len(cfg["channel_mult"]))]
+
+
+def _unet2d_config_to_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A plain-attention U-Net → diffusers' UNet2DModel config (its attention is the original AttentionBlock)."""
+    if cfg["num_head_channels"] == -1:
+        raise ValueError(f"diffusers' UNet2DModel sets heads by their width; this U-Net has num_heads="
+                         f"{cfg['num_heads']} at every level: export with format='ldm' or 'ldmscale'")
+    if cfg["adm_in_channels"] is not None:
+        raise ValueError("diffusers' UNet2DModel has no vector (adm) conditioning")
+    attn, updown = _attention_levels(cfg), cfg["resblock_updown"]
+    plain_down = "ResnetDownsampleBlock2D" if updown else "DownBlock2D"
+    plain_up = "ResnetUpsampleBlock2D" if updown else "UpBlock2D"
+    out = {"_class_name": "UNet2DModel", "sample_size": 64, "in_channels": cfg["in_channels"],
+           "out_channels": cfg["out_channels"],
+           "down_block_types": ["AttnDownBlock2D" if a else plain_down for a in attn],
+           "up_block_types": ["AttnUpBlock2D" if a else plain_up for a in reversed(attn)],
+           "block_out_channels": [cfg["model_channels"] * m for m in cfg["channel_mult"]],
+           "layers_per_block": cfg["num_res_blocks"], "attention_head_dim": cfg["num_head_channels"],
+           "add_attention": cfg["transformer_depth_middle"] > 0, "norm_num_groups": cfg["norm_num_groups"],
+           "norm_eps": 1e-5, "resnet_time_scale_shift": "scale_shift" if cfg["use_scale_shift_norm"] else "default",
+           "downsample_type": "resnet" if updown else "conv", "upsample_type": "resnet" if updown else "conv",
+           "flip_sin_to_cos": True, "freq_shift": 0, "dropout": cfg["dropout"]}
+    if cfg["num_classes"] is not None:
+        out["num_class_embeds"] = cfg["num_classes"]
+    return out
+
+
 def unet_config_to_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
-    levels = len(cfg["channel_mult"])
+    if cfg["attention_block"] == "plain":
+        return _unet2d_config_to_diffusers(cfg)
     if cfg["context_dim"] is None:
         raise ValueError("diffusers' UNet2DConditionModel needs a cross-attention context (model.context_dim)")
+    if cfg["resblock_updown"] or cfg["disable_middle_self_attn"]:
+        raise ValueError("diffusers' UNet2DConditionModel has no resblock_updown / disable_middle_self_attn")
     depth = list(cfg["transformer_depth"])
-    attn = [2 ** i in cfg["attention_resolutions"] and depth[i] > 0 for i in range(levels)]
+    attn = _attention_levels(cfg)
     middle = cfg["transformer_depth_middle"]
     if middle == 0 or (attn[-1] and middle != depth[-1]):
         raise ValueError("diffusers' mid block uses the last level's transformer depth (and needs one)")
@@ -176,6 +359,8 @@ def unet_config_to_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
         "norm_eps": 1e-5, "resnet_time_scale_shift": "scale_shift" if cfg["use_scale_shift_norm"] else "default",
         "flip_sin_to_cos": True, "freq_shift": 0, "dropout": cfg["dropout"], "upcast_attention": False,
     }
+    if cfg["disable_self_attentions"] is not None:
+        out["only_cross_attention"] = [bool(d) for d in cfg["disable_self_attentions"]]
     if cfg["num_classes"] is not None:
         out["num_class_embeds"] = cfg["num_classes"]
     if cfg["adm_in_channels"] is not None:
@@ -183,13 +368,48 @@ def unet_config_to_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def unet_config_from_diffusers(dcfg: dict[str, Any]) -> dict[str, Any]:
-    """A diffusers UNet2DConditionModel config → our UNet keyword arguments (refuses what we cannot mirror)."""
-    for key, want in (("flip_sin_to_cos", True), ("freq_shift", 0), ("center_input_sample", False),
-                      ("act_fn", "silu"), ("time_embedding_type", "positional"), ("encoder_hid_dim", None),
-                      ("time_cond_proj_dim", None), ("class_embeddings_concat", False)):
+def _check_diffusers(dcfg: dict[str, Any], expected: tuple[tuple[str, Any], ...]) -> None:
+    for key, want in expected:
         if dcfg.get(key, want) != want:
             raise ValueError(f"diffusers config {key}={dcfg[key]!r} is not supported (expected {want!r})")
+
+
+def _unet2d_config_from_diffusers(dcfg: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers UNet2DModel config → our plain-attention UNet keyword arguments."""
+    _check_diffusers(dcfg, (("flip_sin_to_cos", True), ("freq_shift", 0), ("center_input_sample", False),
+                            ("act_fn", "silu"), ("time_embedding_type", "positional"), ("class_embed_type", None),
+                            ("time_embedding_dim", None), ("mid_block_scale_factor", 1), ("downsample_padding", 1),
+                            ("norm_eps", 1e-5), ("mid_block_type", "UNetMidBlock2D")))
+    chans = list(dcfg["block_out_channels"])
+    mc, groups = chans[0], dcfg.get("norm_num_groups", 32)
+    if dcfg.get("attn_norm_num_groups") not in (None, groups):
+        raise ValueError("diffusers config attn_norm_num_groups != norm_num_groups is not supported")
+    updown = dcfg.get("downsample_type", "conv") == "resnet"
+    if updown != (dcfg.get("upsample_type", "conv") == "resnet"):
+        raise ValueError("diffusers config: downsample_type and upsample_type must both be 'resnet' or 'conv'")
+    attn = ["Attn" in t for t in dcfg["down_block_types"]]
+    head = dcfg.get("attention_head_dim", 8)
+    kwargs = dict(in_channels=dcfg["in_channels"], out_channels=dcfg["out_channels"], model_channels=mc,
+                  channel_mult=[c // mc for c in chans], num_res_blocks=dcfg["layers_per_block"],
+                  attention_resolutions=[2 ** i for i, a in enumerate(attn) if a],
+                  num_heads=1 if head is None else -1, num_head_channels=-1 if head is None else head,
+                  transformer_depth=[int(a) for a in attn], transformer_depth_middle=int(dcfg.get("add_attention", True)),
+                  context_dim=None, attention_block="plain", resblock_updown=updown,
+                  use_scale_shift_norm=dcfg.get("resnet_time_scale_shift", "default") == "scale_shift",
+                  norm_num_groups=groups, dropout=dcfg.get("dropout", 0.0))
+    if dcfg.get("num_class_embeds") is not None:
+        kwargs["num_classes"] = dcfg["num_class_embeds"]
+    return kwargs
+
+
+def unet_config_from_diffusers(dcfg: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers UNet2DConditionModel / UNet2DModel config → our UNet keyword arguments (refuses what we cannot
+    mirror)."""
+    if dcfg.get("_class_name") == "UNet2DModel":
+        return _unet2d_config_from_diffusers(dcfg)
+    _check_diffusers(dcfg, (("flip_sin_to_cos", True), ("freq_shift", 0), ("center_input_sample", False),
+                            ("act_fn", "silu"), ("time_embedding_type", "positional"), ("encoder_hid_dim", None),
+                            ("time_cond_proj_dim", None), ("class_embeddings_concat", False)))
     chans = list(dcfg["block_out_channels"])
     mc, levels = chans[0], len(chans)
     heads = dcfg.get("num_attention_heads") or dcfg.get("attention_head_dim", 8)
@@ -206,6 +426,8 @@ def unet_config_from_diffusers(dcfg: dict[str, Any]) -> dict[str, Any]:
     middle = depth[-1]
     attn_res = [2 ** i for i, t in enumerate(dcfg["down_block_types"]) if "CrossAttn" in t]
     depth = [d if 2 ** i in attn_res else 0 for i, d in enumerate(depth)]
+    only_cross = dcfg.get("only_cross_attention", False)
+    only_cross = list(only_cross) if isinstance(only_cross, (list, tuple)) else [only_cross] * levels
     lpb = dcfg["layers_per_block"]
     kwargs = dict(in_channels=dcfg["in_channels"], out_channels=dcfg["out_channels"], model_channels=mc,
                   channel_mult=[c // mc for c in chans], num_res_blocks=lpb if isinstance(lpb, int) else lpb[0],
@@ -214,7 +436,8 @@ def unet_config_from_diffusers(dcfg: dict[str, Any]) -> dict[str, Any]:
                   context_dim=dcfg.get("cross_attention_dim"),
                   use_linear_in_transformer=bool(dcfg.get("use_linear_projection", False)),
                   use_scale_shift_norm=dcfg.get("resnet_time_scale_shift", "default") == "scale_shift",
-                  norm_num_groups=dcfg.get("norm_num_groups", 32), dropout=dcfg.get("dropout", 0.0))
+                  norm_num_groups=dcfg.get("norm_num_groups", 32), dropout=dcfg.get("dropout", 0.0),
+                  disable_self_attentions=[bool(o) for o in only_cross] if any(only_cross) else None)
     if dcfg.get("num_class_embeds") is not None:
         kwargs["num_classes"] = dcfg["num_class_embeds"]
     if dcfg.get("class_embed_type") == "projection" or dcfg.get("addition_embed_type") == "text_time":
@@ -222,34 +445,107 @@ def unet_config_from_diffusers(dcfg: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+# Families whose released configs all fix the same heads: (model_channels, channel_mult, context_dim, linear
+# projections) → (name, heads). Anything else with attention needs its config (head counts leave no trace).
+PINNED_HEADS = {
+    (320, (1, 2, 4, 4), 768, False): ("SD 1.x (incl. inpainting)", dict(num_heads=8, num_head_channels=-1)),
+    (320, (1, 2, 4, 4), 1024, True): ("SD 2.x (incl. 2-inpainting, depth, unCLIP)",
+                                      dict(num_heads=-1, num_head_channels=64)),
+    (320, (1, 2, 4), 2048, True): ("SDXL base", dict(num_heads=-1, num_head_channels=64)),
+    (384, (1, 2, 4, 4), 1280, True): ("SDXL refiner", dict(num_heads=-1, num_head_channels=64)),
+}
+
+
+class AmbiguousCheckpointError(ValueError):
+    """A checkpoint without a config whose structure the weights do not determine (heads, above all)."""
+
+
+def _layer_kind(state: dict[str, torch.Tensor], prefix: str) -> str:
+    """What the layer at `prefix` is: plain | transformer | resblock | upsample | none."""
+    if prefix + "qkv.weight" in state:
+        return "plain"
+    if prefix + "proj_in.weight" in state:
+        return "transformer"
+    if prefix + "in_layers.0.weight" in state:
+        return "resblock"
+    if prefix + "conv.weight" in state:
+        return "upsample"
+    return "none"
+
+
+def _transformer_info(state: dict[str, torch.Tensor], prefix: str, ch: int, context_dim: Optional[int]):
+    """(depth, self-attention disabled: True | False | None when undecidable) of a SpatialTransformer."""
+    depth = len({int(k[len(prefix):].split(".")[1]) for k in state if k.startswith(prefix + "transformer_blocks.")})
+    attn1_in = state[prefix + "transformer_blocks.0.attn1.to_k.weight"].shape[1]
+    inner = state[prefix + "transformer_blocks.0.attn1.to_q.weight"].shape[0]
+    disabled = None if context_dim == inner else attn1_in != inner
+    return depth, disabled
+
+
 def unet_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Infer an LDM U-Net's structure from its weights (an LDM file carries no config of its own).
 
-    Head counts leave no trace in the weights: SD1's 8 heads are assumed for 768-d context, 64-channel
-    heads (SD2/SDXL) otherwise; save with `save_unet(..., "ldm")` to carry the exact config."""
+    Head counts leave no trace in the weights: they are set only for the PINNED_HEADS families and are None
+    otherwise (load_unet then refuses, asking for the original config). So is a level's disable_self_attn
+    where the level's width equals the context width."""
     mc = state["input_blocks.0.0.weight"].shape[0]
     n_input = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("input_blocks."))
-    ops = {int(k.split(".")[1]) for k in state if k.startswith("input_blocks.") and ".op." in k}
-    levels = len(ops) + 1
-    nrb = (n_input - 1 - len(ops)) // levels
-    mult, attn, depth = [], [], []
+    n_output = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("output_blocks."))
+    # levels = upsamplers + 1, counted in the output path: a conv Upsample or (resblock_updown) an up-ResBlock
+    # after a block's first layer; param-free resamplers (conv_resample=False) leave gaps in the input indices
+    ups, updown = set(), False
+    for n in range(n_output):
+        kinds = [_layer_kind(state, f"output_blocks.{n}.{k}.") for k in (1, 2)]
+        if "upsample" in kinds or "resblock" in kinds:
+            ups.add(n)
+            updown = updown or "resblock" in kinds
+    gaps = n_input - len({int(k.split(".")[1]) for k in state if k.startswith("input_blocks.")})
+    levels = 1 + (len(ups) or gaps)
+    nrb = n_output // levels - 1
+    if n_input != levels * (nrb + 1) or n_output != levels * (nrb + 1):
+        raise ValueError(f"cannot infer the U-Net's levels: {n_input} input and {n_output} output blocks for "
+                         f"{levels} levels")
+    ctx_key = next((k for k in state if k.endswith("attn2.to_k.weight")), None)
+    context_dim = state[ctx_key].shape[1] if ctx_key else None
+    mult, attn, depth, disabled, kinds = [], [], [], [], set()
     for level in range(levels):
         n = 1 + level * (nrb + 1)
         mult.append(state[f"input_blocks.{n}.0.out_layers.3.weight"].shape[0] // mc)
-        blocks = {int(k.split(".")[4]) for k in state if k.startswith(f"input_blocks.{n}.1.transformer_blocks.")}
-        depth.append(len(blocks))
-        if blocks:
+        kind = _layer_kind(state, f"input_blocks.{n}.1.")
+        if kind == "transformer":
+            d, off = _transformer_info(state, f"input_blocks.{n}.1.", mc * mult[-1], context_dim)
+        else:
+            d, off = int(kind == "plain"), False
+        depth.append(d)
+        disabled.append(off)
+        if d:
             attn.append(2 ** level)
-    mid_blocks = {int(k.split(".")[3]) for k in state if k.startswith("middle_block.1.transformer_blocks.")}
-    ctx_key = next((k for k in state if k.endswith("attn2.to_k.weight")), None)
-    context_dim = state[ctx_key].shape[1] if ctx_key else None
+            kinds.add(kind)
+    middle_kind = _layer_kind(state, "middle_block.1.") if "middle_block.2.in_layers.0.weight" in state else "none"
+    middle, middle_off = 0, False
+    if middle_kind == "transformer":
+        middle, middle_off = _transformer_info(state, "middle_block.1.", mc * mult[-1], context_dim)
+    elif middle_kind == "plain":
+        middle = 1
+    kinds.discard("none")
+    kinds |= {middle_kind} - {"none"}
+    if len(kinds) > 1:
+        raise ValueError("U-Net mixes plain attention blocks and transformers: not an LDM/SD U-Net")
+    plain = kinds == {"plain"}
     proj = next((state[k] for k in state if k.endswith("proj_in.weight")), None)
+    linear = proj is not None and proj.dim() == 2
     kwargs = dict(in_channels=state["input_blocks.0.0.weight"].shape[1], out_channels=state["out.2.weight"].shape[0],
                   model_channels=mc, channel_mult=mult, num_res_blocks=nrb, attention_resolutions=attn,
-                  num_heads=8 if context_dim == 768 else -1, num_head_channels=-1 if context_dim == 768 else 64,
-                  transformer_depth=depth, transformer_depth_middle=len(mid_blocks), context_dim=context_dim,
-                  use_linear_in_transformer=proj is not None and proj.dim() == 2,
+                  num_heads=None, num_head_channels=None, transformer_depth=depth, transformer_depth_middle=middle,
+                  context_dim=context_dim, use_linear_in_transformer=linear, resblock_updown=updown,
+                  conv_resample=not gaps, attention_block="plain" if plain else "transformer",
                   use_scale_shift_norm=state["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * mc * mult[0])
+    if any(disabled) or middle_off:  # the x4 upscaler's disable_self_attentions; None: undecidable
+        kwargs.update(disable_self_attentions=disabled, disable_middle_self_attn=middle_off)
+    if not kinds:  # no attention anywhere: heads do not matter
+        kwargs.update(num_heads=1, num_head_channels=-1)
+    elif not plain and (pinned := PINNED_HEADS.get((mc, tuple(mult), context_dim, linear))):
+        kwargs.update(pinned[1])
     if "label_emb.weight" in state:
         kwargs["num_classes"] = state["label_emb.weight"].shape[0]
     elif "label_emb.0.0.weight" in state:
@@ -257,20 +553,44 @@ def unet_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, Any
     return kwargs
 
 
+def resolve_unet_config(config: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """`config` with `overrides` applied; refuses what is still undetermined (None) instead of guessing."""
+    config = {**config, **overrides}
+    if "num_heads" in overrides or "num_head_channels" in overrides:  # one of the two given: the other is off
+        for key in ("num_heads", "num_head_channels"):
+            config[key] = -1 if config[key] is None else config[key]
+    unknown = []
+    if config.get("num_heads") is None or config.get("num_head_channels") is None:
+        unknown.append("the attention heads (num_heads / num_head_channels)")
+    disabled = config.get("disable_self_attentions")
+    if disabled is not None and None in disabled:
+        unknown.append(f"disable_self_attentions at levels {[i for i, d in enumerate(disabled) if d is None]}")
+    if config.get("disable_middle_self_attn") is None:
+        unknown.append("disable_middle_self_attn")
+    if unknown:
+        families = "; ".join(f"{name}: {heads}" for name, heads in PINNED_HEADS.values())
+        raise AmbiguousCheckpointError(
+            f"{source}: {' and '.join(unknown)} cannot be read from the weights and this U-Net is not one of the "
+            f"families that fix them ({families}). Pass the checkpoint's original .yaml: "
+            f"load_unet(path, original_config='config.yaml') or tools/convert_checkpoint.py unet {source} OUT "
+            f"--original-config config.yaml --to ...")
+    return config
+
+
 # ------------------------------------------------------------------------------------------ autoencoder
+_VAE_ATTN = {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}
+
+
 def autoencoder_key_map(model: AutoencoderKL | VQModel) -> dict[str, str]:
-    """Our (= LDM) key prefixes → diffusers AutoencoderKL key prefixes."""
+    """Our (= LDM) key prefixes → diffusers AutoencoderKL / VQModel key prefixes."""
     levels = len(model.config["ch_mult"])
     mapping = {"encoder.norm_out.": "encoder.conv_norm_out.", "decoder.norm_out.": "decoder.conv_norm_out."}
     for part, coder in (("encoder", model.encoder), ("decoder", model.decoder)):
-        attn = {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}
-        for src, dst in attn.items():
+        for src, dst in _VAE_ATTN.items():
             mapping[f"{part}.mid.attn_1.{src}"] = f"{part}.mid_block.attentions.0.{dst}"
         mapping[f"{part}.mid.block_1."] = f"{part}.mid_block.resnets.0."
         mapping[f"{part}.mid.block_2."] = f"{part}.mid_block.resnets.1."
         for i, level in enumerate(coder.down if part == "encoder" else coder.up):
-            if len(level.attn):
-                raise ValueError("diffusers' AutoencoderKL has no attention outside the mid block")
             if part == "encoder":
                 ours, theirs, sampler = f"encoder.down.{i}.", f"encoder.down_blocks.{i}.", "downsample"
             else:
@@ -278,54 +598,86 @@ def autoencoder_key_map(model: AutoencoderKL | VQModel) -> dict[str, str]:
             for j in range(len(level.block)):
                 mapping[f"{ours}block.{j}."] = f"{theirs}resnets.{j}."
                 mapping[f"{ours}block.{j}.nin_shortcut."] = f"{theirs}resnets.{j}.conv_shortcut."
+            for j in range(len(level.attn)):
+                for src, dst in _VAE_ATTN.items():
+                    mapping[f"{ours}attn.{j}.{src}"] = f"{theirs}attentions.{j}.{dst}"
             mapping[f"{ours}{sampler}.conv."] = f"{theirs}{sampler}rs.0.conv."
     return mapping
 
 
-def _is_vae_attn_proj(key: str) -> bool:
-    return ".mid.attn_1." in key and key.endswith("weight") and ".norm." not in key
+_VAE_ATTN_PROJ = re.compile(r"\.(mid\.attn_1|(down|up)\.\d+\.attn\.\d+)\.(q|k|v|proj_out)\.weight$")
+
+
+def _autoencoder_attention_levels(cfg: dict[str, Any]) -> list[bool]:
+    return [cfg["resolution"] // 2 ** i in cfg["attn_resolutions"] and cfg.get("attn_type", "vanilla") == "vanilla"
+            for i in range(len(cfg["ch_mult"]))]
 
 
 def autoencoder_config_to_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
-    if cfg["kind"] != "kl":
-        raise ValueError("diffusers export covers AutoencoderKL; save a VQModel with format='ldm' or 'ldmscale'")
+    attn = _autoencoder_attention_levels(cfg)
+    common = {"in_channels": cfg["in_channels"], "out_channels": cfg["out_ch"],
+              "down_block_types": ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
+              "up_block_types": ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)],
+              "block_out_channels": [cfg["ch"] * m for m in cfg["ch_mult"]], "layers_per_block": cfg["num_res_blocks"],
+              "act_fn": "silu", "latent_channels": cfg["z_channels"], "norm_num_groups": 32,
+              "sample_size": cfg["resolution"], "scaling_factor": cfg["scale_factor"],
+              "mid_block_add_attention": cfg.get("attn_type", "vanilla") == "vanilla"}
+    if cfg["kind"] == "vq":
+        return {"_class_name": "VQModel", **common, "num_vq_embeddings": cfg["n_embed"],
+                "vq_embed_dim": cfg["embed_dim"]}
     if cfg["z_channels"] != cfg["embed_dim"]:
         raise ValueError("diffusers' AutoencoderKL needs z_channels == embed_dim")
-    levels = len(cfg["ch_mult"])
-    return {"_class_name": "AutoencoderKL", "in_channels": cfg["in_channels"], "out_channels": cfg["out_ch"],
-            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "block_out_channels": [cfg["ch"] * m for m in cfg["ch_mult"]], "layers_per_block": cfg["num_res_blocks"],
-            "act_fn": "silu", "latent_channels": cfg["z_channels"], "norm_num_groups": 32,
-            "sample_size": cfg["resolution"], "scaling_factor": cfg["scale_factor"],
-            "shift_factor": cfg["shift_factor"] or None}
+    return {"_class_name": "AutoencoderKL", **common, "shift_factor": cfg["shift_factor"] or None}
 
 
 def autoencoder_config_from_diffusers(dcfg: dict[str, Any]) -> dict[str, Any]:
-    if dcfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ValueError(f"diffusers {dcfg.get('_class_name')} is not an AutoencoderKL")
+    name = dcfg.get("_class_name", "AutoencoderKL")
+    if name not in ("AutoencoderKL", "VQModel"):
+        raise ValueError(f"diffusers {name} is neither an AutoencoderKL nor a VQModel")
     if dcfg.get("norm_num_groups", 32) != 32 or dcfg.get("act_fn", "silu") != "silu" \
-            or not dcfg.get("mid_block_add_attention", True):
-        raise ValueError("diffusers AutoencoderKL with non-LDM norm/activation/mid-attention is not supported")
+            or dcfg.get("norm_type", "group") != "group":
+        raise ValueError("diffusers autoencoder with non-LDM norm/activation is not supported")
     chans = list(dcfg["block_out_channels"])
-    return dict(kind="kl", ch=chans[0], ch_mult=[c // chans[0] for c in chans],
-                num_res_blocks=dcfg["layers_per_block"], attn_resolutions=[], in_channels=dcfg["in_channels"],
-                out_ch=dcfg["out_channels"], resolution=dcfg.get("sample_size", 256),
-                z_channels=dcfg["latent_channels"], embed_dim=dcfg["latent_channels"],
-                scale_factor=dcfg.get("scaling_factor", 1.0) or 1.0, shift_factor=dcfg.get("shift_factor") or 0.0)
+    resolution = dcfg.get("sample_size", 256)
+    resolution = resolution[0] if isinstance(resolution, (list, tuple)) else resolution
+    attn = [resolution // 2 ** i for i, t in enumerate(dcfg["down_block_types"]) if t.startswith("Attn")]
+    up_attn = [resolution // 2 ** (len(chans) - 1 - i) for i, t in enumerate(dcfg["up_block_types"])
+               if t.startswith("Attn")]
+    if sorted(attn) != sorted(up_attn):
+        raise ValueError("diffusers autoencoder with attention at different encoder and decoder levels")
+    kwargs = dict(kind="kl", ch=chans[0], ch_mult=[c // chans[0] for c in chans],
+                  num_res_blocks=dcfg["layers_per_block"], attn_resolutions=attn, in_channels=dcfg["in_channels"],
+                  out_ch=dcfg["out_channels"], resolution=resolution, z_channels=dcfg["latent_channels"],
+                  embed_dim=dcfg["latent_channels"], scale_factor=dcfg.get("scaling_factor", 1.0) or 1.0,
+                  attn_type="vanilla" if dcfg.get("mid_block_add_attention", True) else "none")
+    if attn and kwargs["attn_type"] == "none":
+        raise ValueError("diffusers autoencoder with level attention but no mid-block attention is not supported")
+    if name == "VQModel":
+        kwargs.update(kind="vq", n_embed=dcfg.get("num_vq_embeddings", 256),
+                      embed_dim=dcfg.get("vq_embed_dim") or dcfg["latent_channels"])
+    else:
+        kwargs["shift_factor"] = dcfg.get("shift_factor") or 0.0
+    return kwargs
 
 
 def autoencoder_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Infer an LDM autoencoder from its weights; attention levels from the `encoder.down.{i}.attn.*` keys
+    (attn_resolutions are then given at resolution 256, as in every released LDM/SD first stage)."""
     ch = state["encoder.conv_in.weight"].shape[0]
     levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down."))
     nrb = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block."))
     mult = [state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels)]
     z = state["decoder.conv_in.weight"].shape[1]
-    kwargs = dict(ch=ch, ch_mult=mult, num_res_blocks=nrb, attn_resolutions=[],
+    resolution = 256
+    attn_levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")
+                          and k.split(".")[3] == "attn"})
+    attn_type = "vanilla" if "encoder.mid.attn_1.q.weight" in state else "none"
+    if attn_levels and attn_type == "none":
+        raise ValueError("LDM autoencoder with level attention but none in the mid block is not supported")
+    kwargs = dict(ch=ch, ch_mult=mult, num_res_blocks=nrb, attn_resolutions=[resolution // 2 ** i for i in attn_levels],
                   in_channels=state["encoder.conv_in.weight"].shape[1], out_ch=state["decoder.conv_out.weight"].shape[0],
-                  z_channels=z, embed_dim=state["post_quant_conv.weight"].shape[1])
-    if any(".attn." in k for k in state):
-        raise ValueError("LDM autoencoder with attention outside the mid block: save it with its config "
-                         "(save_autoencoder(..., 'ldm')) so attn_resolutions is known")
+                  resolution=resolution, z_channels=z, embed_dim=state["post_quant_conv.weight"].shape[1],
+                  attn_type=attn_type)
     if "quantize.embedding.weight" in state:
         kwargs.update(kind="vq", n_embed=state["quantize.embedding.weight"].shape[0])
     else:
@@ -370,26 +722,33 @@ def _load_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder}: no {DIFFUSERS_WEIGHTS}")
 
 
-def _read_unet(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+def _read_unet(path: Path) -> tuple[Optional[dict[str, Any]], dict[str, torch.Tensor], str]:
+    """(config if the checkpoint carries one, LDM-named weights, source). Nothing is inferred here."""
     if path.is_dir():
         if ours := _ours_dir(path, "unet"):
             meta = json.loads((ours / OUR_CONFIG).read_text())
             return meta["config"], load_file(str(ours / OUR_WEIGHTS)), str(ours)
         if folder := _diffusers_dir(path, "unet"):
             dcfg = json.loads((folder / "config.json").read_text())
-            if dcfg["_class_name"] != "UNet2DConditionModel":
-                raise ValueError(f"{folder}/config.json: {dcfg['_class_name']} is not a UNet2DConditionModel")
+            if dcfg["_class_name"] not in ("UNet2DConditionModel", "UNet2DModel"):
+                raise ValueError(f"{folder}/config.json: {dcfg['_class_name']} is neither a UNet2DConditionModel "
+                                 "nor a UNet2DModel")
             kwargs = unet_config_from_diffusers(dcfg)
             with torch.device("meta"):
                 skeleton = UNet(**kwargs)
             inverse = {v: k for k, v in unet_key_map(skeleton).items()}
             inverse.update({"add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."})
-            return kwargs, _rename(_load_diffusers_weights(folder), inverse), str(folder)
+            state = _plain_attention_from_linear(_rename(_load_diffusers_weights(folder), inverse), skeleton)
+            return kwargs, state, str(folder)
         raise FileNotFoundError(f"{path}: neither an ldmscale export, a diffusers unet folder nor a pipeline folder")
     state, extra = _read_tensors(path)
-    state = _strip(state, UNET_PREFIX)
-    config = extra.get("unet") or unet_config_from_state_dict(state)
-    return config, state, str(path)
+    return extra.get("unet"), _strip(state, UNET_PREFIX), str(path)
+
+
+def _original_config_for_file(path: Path, original_config: Any) -> Any:
+    if original_config is not None and path.is_dir():
+        raise ValueError(f"original_config is for LDM/SD checkpoint files; {path} carries its own config")
+    return original_config
 
 
 def load_unet_weights(model: UNet, path: str | Path) -> UNet:
@@ -399,10 +758,19 @@ def load_unet_weights(model: UNet, path: str | Path) -> UNet:
     return model
 
 
-def load_unet(path: str | Path, **overrides: Any) -> UNet:
-    """A U-Net in eval mode from a diffusers folder (model or pipeline), an LDM/SD file or our export."""
-    config, state, source = _read_unet(Path(path))
-    model = UNet(**{**config, **overrides})
+def load_unet(path: str | Path, original_config: Any = None, **overrides: Any) -> UNet:
+    """A U-Net in eval mode from a diffusers folder (model or pipeline), an LDM/SD file or our export.
+
+    original_config: the .yaml (path or parsed dict) shipped with an LDM/SD file; its structure is taken from
+    there. Without it an LDM/SD file's structure is inferred from the weights, and a checkpoint whose heads
+    the weights do not determine is refused (AmbiguousCheckpointError) unless `overrides` give them."""
+    path = Path(path)
+    config, state, source = _read_unet(path)
+    if _original_config_for_file(path, original_config) is not None:
+        config = unet_config_from_original(original_config)
+    elif config is None:
+        config = unet_config_from_state_dict(state)
+    model = UNet(**resolve_unet_config(config, overrides, source))
     _strict_load(model, state, source)
     return model.eval()
 
@@ -410,39 +778,55 @@ def load_unet(path: str | Path, **overrides: Any) -> UNet:
 STAGE1_EXPORT = "autoencoder"  # a stage-1 run directory keeps its export here (ldmscale.stage1)
 
 
-def _read_autoencoder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+def _read_autoencoder(path: Path) -> tuple[Optional[dict[str, Any]], dict[str, torch.Tensor], str, Optional[float]]:
+    """(config if the checkpoint carries one, LDM-named weights, source, the scale_factor buffer of a full
+    LDM checkpoint trained with scale_by_std). Nothing is inferred here."""
     if path.is_dir() and (path / STAGE1_EXPORT / OUR_CONFIG).is_file():
         path = path / STAGE1_EXPORT  # `autoencoder.weights=<stage-1 run dir>`
     if path.is_dir():
         if ours := _ours_dir(path, "autoencoder"):
             meta = json.loads((ours / OUR_CONFIG).read_text())
-            return meta["config"], load_file(str(ours / OUR_WEIGHTS)), str(ours)
+            return meta["config"], load_file(str(ours / OUR_WEIGHTS)), str(ours), None
         if folder := _diffusers_dir(path, "vae"):
             config = autoencoder_config_from_diffusers(json.loads((folder / "config.json").read_text()))
             with torch.device("meta"):
                 skeleton = _build_autoencoder(config)
             state = _rename(_load_diffusers_weights(folder), {v: k for k, v in autoencoder_key_map(skeleton).items()})
-            state = {k: v[:, :, None, None] if _is_vae_attn_proj(k) and v.dim() == 2 else v for k, v in state.items()}
-            return config, state, str(folder)
+            state = {k: v[:, :, None, None] if _VAE_ATTN_PROJ.search(k) and v.dim() == 2 else v
+                     for k, v in state.items()}
+            return config, state, str(folder), None
         raise FileNotFoundError(f"{path}: neither an ldmscale export, a diffusers vae folder nor a pipeline folder")
     state, extra = _read_tensors(path)
+    scale = state.get("scale_factor") if AE_PREFIX + "encoder.conv_in.weight" in state else None
     state = _strip(state, AE_PREFIX)
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # LDM files carry the GAN loss too
-    config = extra.get("autoencoder") or autoencoder_config_from_state_dict(state)
-    return config, state, str(path)
+    config = extra.get("autoencoder")
+    return config, state, str(path), None if config or scale is None else float(scale)
 
 
 def load_autoencoder_weights(model: AutoencoderKL | VQModel, path: str | Path) -> AutoencoderKL | VQModel:
-    _, state, source = _read_autoencoder(Path(path))
+    """Load weights into an existing autoencoder (its config decides the structure; nothing is inferred)."""
+    _, state, source, _ = _read_autoencoder(Path(path))
     if isinstance(model, VQModel) and not any(k.endswith("quantize.codebook_proj.weight") for k in state):
         model.fold()  # a config with codebook=linear reading plain codes (every export is folded)
     _strict_load(model, state, source)
     return model
 
 
-def load_autoencoder(path: str | Path, **overrides: Any) -> AutoencoderKL | VQModel:
-    """An autoencoder in eval mode from a diffusers folder (vae or pipeline), an LDM/SD file or our export."""
-    config, state, source = _read_autoencoder(Path(path))
+def load_autoencoder(path: str | Path, original_config: Any = None, **overrides: Any) -> AutoencoderKL | VQModel:
+    """An autoencoder in eval mode from a diffusers folder (vae or pipeline), an LDM/SD file or our export.
+
+    original_config: the .yaml shipped with an LDM/SD file (a full LDM/SD config or a first stage's own); else
+    the structure is inferred from the weights. A full LDM checkpoint's scale_factor buffer (scale_by_std)
+    sets the latent scale."""
+    path = Path(path)
+    config, state, source, scale = _read_autoencoder(path)
+    if _original_config_for_file(path, original_config) is not None:
+        config = autoencoder_config_from_original(original_config)
+    elif config is None:
+        config = autoencoder_config_from_state_dict(state)
+    if scale is not None:
+        config = {**config, "scale_factor": scale}
     model = _build_autoencoder({**config, **overrides})
     _strict_load(model, state, source)
     return model.eval()
@@ -453,7 +837,7 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _save(model: nn.Module, kind: str, config: dict[str, Any], diffusers_config: Any, key_map: Any,
-          prefix: str, path: str | Path, format: str, transform=None) -> Path:
+          prefix: str, path: str | Path, format: str, prepare=None) -> Path:
     path = Path(path)
     state = _contiguous(model.state_dict())
     if format == "ldmscale":
@@ -462,9 +846,7 @@ def _save(model: nn.Module, kind: str, config: dict[str, Any], diffusers_config:
         (path / OUR_CONFIG).write_text(json.dumps({"ldmscale": kind, "config": config}, indent=2))
     elif format == "diffusers":
         dcfg = diffusers_config(config)  # validates before anything is written
-        renamed = _rename(state, key_map(model))
-        if transform:
-            renamed = {k: transform(k, v) for k, v in renamed.items()}
+        renamed = _rename(prepare(state, model) if prepare else state, key_map(model))
         path.mkdir(parents=True, exist_ok=True)
         save_file(_contiguous(renamed), str(path / DIFFUSERS_WEIGHTS))
         (path / "config.json").write_text(json.dumps(dcfg, indent=2))
@@ -483,7 +865,8 @@ def _save(model: nn.Module, kind: str, config: dict[str, Any], diffusers_config:
 def save_unet(model: UNet, path: str | Path, format: str = "ldmscale") -> Path:
     """Save as our export (folder), a diffusers `unet/` folder, or an LDM file (.ckpt or .safetensors)."""
     model = getattr(model, "_orig_mod", model)
-    return _save(model, "unet", model.config, unet_config_to_diffusers, unet_key_map, UNET_PREFIX, path, format)
+    return _save(model, "unet", model.config, unet_config_to_diffusers, unet_key_map, UNET_PREFIX, path, format,
+                 _plain_attention_to_linear)
 
 
 def save_autoencoder(model: AutoencoderKL | VQModel, path: str | Path, format: str = "ldmscale") -> Path:
@@ -493,10 +876,8 @@ def save_autoencoder(model: AutoencoderKL | VQModel, path: str | Path, format: s
     if isinstance(model, VQModel) and model.quantize.codebook_proj is not None:
         model = copy.deepcopy(model).fold()
 
-    def squeeze(key: str, value: torch.Tensor) -> torch.Tensor:
+    def squeeze(state: dict[str, torch.Tensor], _model: nn.Module) -> dict[str, torch.Tensor]:
         # diffusers' VAE attention uses Linear projections where LDM has 1x1 convs
-        if ".mid_block.attentions." in key and key.endswith("weight") and value.dim() == 4:
-            return value[:, :, 0, 0]
-        return value
+        return {k: v[:, :, 0, 0] if _VAE_ATTN_PROJ.search(k) else v for k, v in state.items()}
     return _save(model, "autoencoder", model.config, autoencoder_config_to_diffusers, autoencoder_key_map,
                  AE_PREFIX, path, format, squeeze)

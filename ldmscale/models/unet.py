@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldmscale.models.attention import BACKENDS, SpatialTransformer, xformers_available
+from ldmscale.models.attention import BACKENDS, AttentionBlock, SpatialTransformer, xformers_available
 from ldmscale.models.conditioners import rasterize_boxes
 
 
@@ -130,8 +130,18 @@ def _per_level(values: list[int], num_levels: int, name: str) -> list[int]:
     return values
 
 
+ATTENTION_BLOCKS = ("transformer", "plain")
+
+
 class UNet(nn.Module):
-    """LDM U-Net: x [B,Cin,h,w], t [B], context [B,L,D], context_mask [B,L], y [B] | [B,adm] → [B,Cout,h,w]."""
+    """LDM U-Net: x [B,Cin,h,w], t [B], context [B,L,D], context_mask [B,L], y [B] | [B,adm] → [B,Cout,h,w].
+
+    attention_block="transformer": SpatialTransformers of `transformer_depth` blocks (SD, LDM's
+    cross-attention models). "plain": the original openaimodel AttentionBlock (LDM's unconditional and concat
+    models), one wherever the depth is > 0, heads from num_heads/num_head_channels (num_heads_upsample: the
+    decoder half's count when set, as in the original legacy mode), qkv head order legacy or
+    use_new_attention_order. disable_self_attentions (per level) / disable_middle_self_attn: the
+    transformer's first attention attends to the context too (SD x4 upscaler)."""
 
     def __init__(self, *, in_channels: int = 4, out_channels: int = 4, model_channels: int = 320,
                  channel_mult: list[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
@@ -140,10 +150,20 @@ class UNet(nn.Module):
                  context_dim: Optional[int] = None, use_linear_in_transformer: bool = False,
                  use_scale_shift_norm: bool = False, resblock_updown: bool = False, conv_resample: bool = True,
                  dropout: float = 0.0, num_classes: Optional[int] = None, adm_in_channels: Optional[int] = None,
-                 norm_num_groups: int = 32, attention_backend: str = "sdpa", gradient_checkpointing: bool = False):
+                 norm_num_groups: int = 32, attention_backend: str = "sdpa", gradient_checkpointing: bool = False,
+                 attention_block: str = "transformer", use_new_attention_order: bool = False,
+                 num_heads_upsample: int = -1, disable_self_attentions: Optional[list[bool]] = None,
+                 disable_middle_self_attn: bool = False):
         super().__init__()
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("model.num_heads or model.num_head_channels must be set")
+        if attention_block not in ATTENTION_BLOCKS:
+            raise ValueError(f"model.attention_block={attention_block!r} is not one of {list(ATTENTION_BLOCKS)}")
+        if attention_block == "plain" and context_dim is not None:
+            raise ValueError("model.attention_block='plain' has no cross-attention: set model.context_dim=null")
+        if disable_self_attentions is not None and len(disable_self_attentions) != len(channel_mult):
+            raise ValueError(f"model.disable_self_attentions has {len(disable_self_attentions)} values; "
+                             f"expected one per level ({len(channel_mult)})")
         if attention_backend not in BACKENDS:
             raise ValueError(f"model.attention_backend={attention_backend!r} is not one of {list(BACKENDS)}")
         if attention_backend == "xformers" and not xformers_available():
@@ -165,7 +185,10 @@ class UNet(nn.Module):
             context_dim=context_dim, use_linear_in_transformer=use_linear_in_transformer,
             use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown, conv_resample=conv_resample,
             dropout=dropout, num_classes=num_classes, adm_in_channels=adm_in_channels,
-            norm_num_groups=norm_num_groups)
+            norm_num_groups=norm_num_groups, attention_block=attention_block,
+            use_new_attention_order=use_new_attention_order, num_heads_upsample=num_heads_upsample,
+            disable_self_attentions=None if disable_self_attentions is None else list(disable_self_attentions),
+            disable_middle_self_attn=disable_middle_self_attn)
 
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -175,13 +198,20 @@ class UNet(nn.Module):
             self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, emb_dim), nn.SiLU(),
                                                          nn.Linear(emb_dim, emb_dim)))
 
-        def transformer(ch: int, level_depth: int) -> SpatialTransformer:
+        def attention(ch: int, level_depth: int, level: Optional[int] = None, up: bool = False) -> nn.Module:
+            """The attention layer of a level (None: the middle block) in the original's head arithmetic."""
             if num_head_channels == -1:
-                heads, dim_head = num_heads, ch // num_heads
+                heads = num_heads_upsample if up and num_heads_upsample != -1 else num_heads
             else:
-                heads, dim_head = ch // num_head_channels, num_head_channels
-            return SpatialTransformer(ch, heads, dim_head, level_depth, context_dim, dropout,
-                                      use_linear_in_transformer, norm_num_groups, attention_backend)
+                heads = ch // num_head_channels
+            if attention_block == "plain":
+                return AttentionBlock(ch, heads, use_new_attention_order, norm_num_groups, attention_backend)
+            if level is None:
+                no_self_attn = disable_middle_self_attn
+            else:
+                no_self_attn = bool(disable_self_attentions and disable_self_attentions[level])
+            return SpatialTransformer(ch, heads, ch // heads, level_depth, context_dim, dropout,
+                                      use_linear_in_transformer, norm_num_groups, attention_backend, no_self_attn)
 
         def resblock(ch: int, out: int, **kw: Any) -> ResBlock:
             return ResBlock(ch, emb_dim, dropout, out, use_scale_shift_norm, norm_num_groups=norm_num_groups, **kw)
@@ -195,7 +225,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions and depth[level] > 0:
-                    layers.append(transformer(ch, depth[level]))
+                    layers.append(attention(ch, depth[level], level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -205,7 +235,7 @@ class UNet(nn.Module):
                 ds *= 2
         middle: list[nn.Module] = [resblock(ch, ch)]
         if depth_middle > 0:
-            middle.append(transformer(ch, depth_middle))
+            middle.append(attention(ch, depth_middle))
         middle.append(resblock(ch, ch))
         self.middle_block = TimestepEmbedSequential(*middle)
 
@@ -215,7 +245,7 @@ class UNet(nn.Module):
                 layers = [resblock(ch + skip_channels.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions and depth[level] > 0:
-                    layers.append(transformer(ch, depth[level]))
+                    layers.append(attention(ch, depth[level], level, up=True))
                 if level and i == num_res_blocks:
                     layers.append(resblock(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample))
                     ds //= 2
@@ -232,7 +262,7 @@ class UNet(nn.Module):
             raise ValueError("model.attention_backend='xformers' but xformers is not installed")
         self.attention_backend = backend
         for module in self.modules():
-            if isinstance(module, SpatialTransformer):
+            if isinstance(module, (SpatialTransformer, AttentionBlock)):
                 module.set_backend(backend)
 
     def _run(self, block: TimestepEmbedSequential, h, emb, context, mask):
@@ -272,10 +302,12 @@ def unet_kwargs(cfg) -> dict[str, Any]:
               "attention_resolutions", "num_heads", "num_head_channels", "transformer_depth",
               "transformer_depth_middle", "context_dim", "use_linear_in_transformer", "use_scale_shift_norm",
               "resblock_updown", "conv_resample", "dropout", "num_classes", "adm_in_channels", "norm_num_groups",
-              "attention_backend", "gradient_checkpointing")
+              "attention_backend", "gradient_checkpointing", "attention_block", "use_new_attention_order",
+              "num_heads_upsample", "disable_self_attentions", "disable_middle_self_attn")
     kwargs = {name: getattr(cfg, name) for name in fields if hasattr(cfg, name)}
-    for name in ("channel_mult", "attention_resolutions", "transformer_depth"):
-        kwargs[name] = list(kwargs[name])
+    for name in ("channel_mult", "attention_resolutions", "transformer_depth", "disable_self_attentions"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = list(kwargs[name])
     return kwargs
 
 
