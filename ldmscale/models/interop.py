@@ -315,6 +315,9 @@ def _unet2d_config_to_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
                          f"{cfg['num_heads']} at every level: export with format='ldm' or 'ldmscale'")
     if cfg["adm_in_channels"] is not None:
         raise ValueError("diffusers' UNet2DModel has no vector (adm) conditioning")
+    if cfg["use_scale_shift_norm"] and cfg["transformer_depth_middle"] > 0:
+        raise ValueError("diffusers' UNet2DModel drops the mid-block attention's GroupNorm under scale-shift norm: "
+                         "export with format='ldm' or 'ldmscale'")
     attn, updown = _attention_levels(cfg), cfg["resblock_updown"]
     plain_down = "ResnetDownsampleBlock2D" if updown else "DownBlock2D"
     plain_up = "ResnetUpsampleBlock2D" if updown else "UpBlock2D"
@@ -565,7 +568,7 @@ def resolve_unet_config(config: dict[str, Any], overrides: dict[str, Any], sourc
     disabled = config.get("disable_self_attentions")
     if disabled is not None and None in disabled:
         unknown.append(f"disable_self_attentions at levels {[i for i, d in enumerate(disabled) if d is None]}")
-    if config.get("disable_middle_self_attn") is None:
+    if "disable_middle_self_attn" in config and config["disable_middle_self_attn"] is None:
         unknown.append("disable_middle_self_attn")
     if unknown:
         families = "; ".join(f"{name}: {heads}" for name, heads in PINNED_HEADS.values())
