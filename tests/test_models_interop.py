@@ -113,8 +113,9 @@ def test_vq_round_trips_through_ldm_and_ours(tmp_path):
     assert_same_state(load_autoencoder(tmp_path / "vq.safetensors"), vq)
     save_autoencoder(vq, tmp_path / "vq", "ldmscale")
     assert isinstance(load_autoencoder(tmp_path / "vq"), VQModel)
-    with pytest.raises(ValueError, match="AutoencoderKL"):
-        save_autoencoder(vq, tmp_path / "vq_diffusers", "diffusers")
+    # diffusers' VQModel takes LDM's VQ first stage (#18): exported and read back exactly
+    save_autoencoder(vq, tmp_path / "vq_diffusers", "diffusers")
+    assert_same_state(load_autoencoder(tmp_path / "vq_diffusers"), vq)
 
 
 def test_bad_checkpoints_are_refused(tmp_path):

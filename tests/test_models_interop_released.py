@@ -13,10 +13,16 @@ import torch
 import yaml
 
 from ldmscale.models.autoencoder import AutoencoderKL, VQModel
-from ldmscale.models.interop import (AmbiguousCheckpointError, autoencoder_config_from_original,
-                                     autoencoder_config_from_state_dict, autoencoder_config_to_diffusers,
-                                     resolve_unet_config, unet_config_from_original, unet_config_from_state_dict,
-                                     unet_config_to_diffusers)
+from ldmscale.models.interop import (
+    AmbiguousCheckpointError,
+    autoencoder_config_from_original,
+    autoencoder_config_from_state_dict,
+    autoencoder_config_to_diffusers,
+    resolve_unet_config,
+    unet_config_from_original,
+    unet_config_from_state_dict,
+    unet_config_to_diffusers,
+)
 from ldmscale.models.unet import UNet
 
 
