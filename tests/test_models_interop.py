@@ -5,6 +5,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from _model_helpers import assert_same_state, randomize  # noqa: E402
+
 from ldmscale.models import load_autoencoder, load_unet, save_autoencoder, save_unet  # noqa: E402
 from ldmscale.models.autoencoder import AutoencoderKL, VQModel  # noqa: E402
 from ldmscale.models.interop import CheckpointMismatchError  # noqa: E402
@@ -27,21 +29,6 @@ VAE_CONFIGS = {
     "f2": dict(block_out_channels=(32, 32), layers_per_block=2, latent_channels=3, norm_num_groups=32,
                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
 }
-
-
-def randomize(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
-
-
-def assert_same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
 
 
 @pytest.mark.parametrize("style", sorted(UNET_CONFIGS))

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _model_helpers import assert_same_state, randomize
 
 from ldmscale.models import load_autoencoder, load_unet, save_autoencoder, save_unet
 from ldmscale.models.attention import AttentionBlock
@@ -15,21 +16,6 @@ from ldmscale.models.unet import UNet
 from tools.convert_checkpoint import main as convert
 
 TOL = 1e-4  # fp32, the bound; observed differences are ~1e-6
-
-
-def randomize(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module
-
-
-def assert_same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
 
 
 def original_attention_block(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:

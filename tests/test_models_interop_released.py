@@ -8,6 +8,8 @@ training-only fields are left out. For each: the config builds, the weights' key
 structure (heads where the family pins them, else given as the loader's refusal asks), and the parameter count
 equals diffusers' independent implementation of the same architecture (and the published totals for SD)."""
 
+import textwrap
+
 import pytest
 import torch
 import yaml
@@ -36,170 +38,92 @@ def ldm(unet: str, first_stage: str = "", extra: str = "") -> str:
     return text
 
 
-VQ_F4 = """target: ldm.models.autoencoder.VQModelInterface
-params:
-  embed_dim: 3
-  n_embed: 8192
-  ddconfig: {double_z: false, z_channels: 3, resolution: 256, in_channels: 3, out_ch: 3, ch: 128,
-             ch_mult: [1, 2, 4], num_res_blocks: 2, attn_resolutions: [], dropout: 0.0}"""
-VQ_F4_NOATTN = VQ_F4.replace("ddconfig: {", "ddconfig: {attn_type: none, ")
-VQ_F8 = """target: ldm.models.autoencoder.VQModelInterface
-params:
-  embed_dim: 4
-  n_embed: 16384
-  ddconfig: {double_z: false, z_channels: 4, resolution: 256, in_channels: 3, out_ch: 3, ch: 128,
-             ch_mult: [1, 2, 2, 4], num_res_blocks: 2, attn_resolutions: [32], dropout: 0.0}"""
-KL_F8 = """target: ldm.models.autoencoder.AutoencoderKL
-params:
-  embed_dim: 4
-  ddconfig: {double_z: true, z_channels: 4, resolution: 256, in_channels: 3, out_ch: 3, ch: 128,
-             ch_mult: [1, 2, 4, 4], num_res_blocks: 2, attn_resolutions: [], dropout: 0.0}"""
-KL_F4_UPSCALER = KL_F8.replace("ch_mult: [1, 2, 4, 4]", "ch_mult: [1, 2, 4]")
-FACES = """image_size: 64
-in_channels: 3
-out_channels: 3
-model_channels: 224
-attention_resolutions: [8, 4, 2]
-num_res_blocks: 2
-channel_mult: [1, 2, 3, 4]
-num_head_channels: 32"""
-SD_V2 = """use_checkpoint: True
-image_size: 32
-in_channels: 4
-out_channels: 4
-model_channels: 320
-attention_resolutions: [4, 2, 1]
-num_res_blocks: 2
-channel_mult: [1, 2, 4, 4]
-num_head_channels: 64
-use_spatial_transformer: True
-use_linear_in_transformer: True
-transformer_depth: 1
-context_dim: 1024
-legacy: False"""
+def ae(target: str, embed_dim: int, ddconfig: str, n_embed: int = 0) -> str:
+    """A first_stage_config (or a first stage's own model:) body: target, params with ddconfig."""
+    quant = f"  n_embed: {n_embed}\n" if n_embed else ""
+    common = "resolution: 256, in_channels: 3, out_ch: 3, ch: 128, num_res_blocks: 2, dropout: 0.0"
+    return (f"target: ldm.models.autoencoder.{target}\nparams:\n  embed_dim: {embed_dim}\n{quant}"
+            f"  ddconfig: {{double_z: {str(target == 'AutoencoderKL').lower()}, {common}, {ddconfig}}}")
 
-UNETS = {
+
+VQ_F4 = ae("VQModelInterface", 3, "z_channels: 3, ch_mult: [1, 2, 4], attn_resolutions: []", 8192)
+VQ_F4_NOATTN = ae("VQModelInterface", 3, "attn_type: none, z_channels: 3, ch_mult: [1, 2, 4], attn_resolutions: []",
+                  8192)
+VQ_F8 = ae("VQModelInterface", 4, "z_channels: 4, ch_mult: [1, 2, 2, 4], attn_resolutions: [32]", 16384)
+KL_F8 = ae("AutoencoderKL", 4, "z_channels: 4, ch_mult: [1, 2, 4, 4], attn_resolutions: []")
+KL_F4_UPSCALER = ae("AutoencoderKL", 4, "z_channels: 4, ch_mult: [1, 2, 4], attn_resolutions: []")
+SD = "    scale_factor: 0.18215\n"
+SD_V2 = ("{use_checkpoint: true, image_size: 32, in_channels: 4, out_channels: 4, model_channels: 320, "
+         "attention_resolutions: [4, 2, 1], num_res_blocks: 2, channel_mult: [1, 2, 4, 4], num_head_channels: 64, "
+         "use_spatial_transformer: true, use_linear_in_transformer: true, transformer_depth: 1, context_dim: 1024, "
+         "legacy: false}")
+
+UNETS = {  # unet_config.params as in the originals (flow style)
     # LDM (CompVis/latent-diffusion): plain AttentionBlock U-Nets
-    "celebahq": ldm(FACES, VQ_F4),
-    "ffhq": ldm(FACES, VQ_F4),
-    "lsun_beds": ldm(FACES, VQ_F4),
-    "lsun_churches": ldm("""image_size: 32
-in_channels: 4
-out_channels: 4
-model_channels: 192
-attention_resolutions: [1, 2, 4, 8]
-num_res_blocks: 2
-channel_mult: [1, 2, 2, 4, 4]
-num_heads: 8
-use_scale_shift_norm: true
-resblock_updown: true""", KL_F8, "    scale_by_std: true\n"),
-    "semantic_synthesis": ldm("""image_size: 64
-in_channels: 6
-out_channels: 3
-model_channels: 128
-attention_resolutions: [32, 16, 8]
-num_res_blocks: 2
-channel_mult: [1, 4, 8]
-num_heads: 8""", VQ_F4),
-    "bsr_sr": ldm("""image_size: 64
-in_channels: 6
-out_channels: 3
-model_channels: 160
-attention_resolutions: [16, 8]
-num_res_blocks: 2
-channel_mult: [1, 2, 2, 4]
-num_head_channels: 32""", VQ_F4),
-    "inpainting_big": ldm("""image_size: 64
-in_channels: 7
-out_channels: 3
-model_channels: 256
-attention_resolutions: [8, 4, 2]
-num_res_blocks: 2
-channel_mult: [1, 2, 3, 4]
-num_heads: 8
-resblock_updown: true""", VQ_F4_NOATTN),
+    "celebahq": ldm("{image_size: 64, in_channels: 3, out_channels: 3, model_channels: 224, "
+        "attention_resolutions: [8, 4, 2], num_res_blocks: 2, channel_mult: [1, 2, 3, 4], "
+        "num_head_channels: 32}",
+        VQ_F4),
+    "ffhq": ldm("{image_size: 64, in_channels: 3, out_channels: 3, model_channels: 224, "
+        "attention_resolutions: [8, 4, 2], num_res_blocks: 2, channel_mult: [1, 2, 3, 4], "
+        "num_head_channels: 32}",
+        VQ_F4),
+    "lsun_beds": ldm("{image_size: 64, in_channels: 3, out_channels: 3, model_channels: 224, "
+        "attention_resolutions: [8, 4, 2], num_res_blocks: 2, channel_mult: [1, 2, 3, 4], "
+        "num_head_channels: 32}",
+        VQ_F4),
+    "lsun_churches": ldm("{image_size: 32, in_channels: 4, out_channels: 4, model_channels: 192, "
+        "attention_resolutions: [1, 2, 4, 8], num_res_blocks: 2, channel_mult: [1, 2, 2, 4, 4], "
+        "num_heads: 8, use_scale_shift_norm: true, resblock_updown: true}",
+        KL_F8, "    scale_by_std: true\n"),
+    "semantic_synthesis": ldm("{image_size: 64, in_channels: 6, out_channels: 3, model_channels: 128, "
+        "attention_resolutions: [32, 16, 8], num_res_blocks: 2, channel_mult: [1, 4, 8], "
+        "num_heads: 8}",
+        VQ_F4),
+    "bsr_sr": ldm("{image_size: 64, in_channels: 6, out_channels: 3, model_channels: 160, "
+        "attention_resolutions: [16, 8], num_res_blocks: 2, channel_mult: [1, 2, 2, 4], "
+        "num_head_channels: 32}",
+        VQ_F4),
+    "inpainting_big": ldm("{image_size: 64, in_channels: 7, out_channels: 3, model_channels: 256, "
+        "attention_resolutions: [8, 4, 2], num_res_blocks: 2, channel_mult: [1, 2, 3, 4], "
+        "num_heads: 8, resblock_updown: true}",
+        VQ_F4_NOATTN),
     # LDM: cross-attention U-Nets
-    "cin256": ldm("""image_size: 32
-in_channels: 4
-out_channels: 4
-model_channels: 256
-attention_resolutions: [4, 2, 1]
-num_res_blocks: 2
-channel_mult: [1, 2, 4]
-num_head_channels: 32
-use_spatial_transformer: true
-transformer_depth: 1
-context_dim: 512""", VQ_F8),
-    "cin256-v2": ldm("""image_size: 64
-in_channels: 3
-out_channels: 3
-model_channels: 192
-attention_resolutions: [8, 4, 2]
-num_res_blocks: 2
-channel_mult: [1, 2, 3, 5]
-num_heads: 1
-use_spatial_transformer: true
-transformer_depth: 1
-context_dim: 512""", VQ_F4),
-    "txt2img-1p4B": ldm("""image_size: 32
-in_channels: 4
-out_channels: 4
-model_channels: 320
-attention_resolutions: [4, 2, 1]
-num_res_blocks: 2
-channel_mult: [1, 2, 4, 4]
-num_heads: 8
-use_spatial_transformer: true
-transformer_depth: 1
-context_dim: 1280
-use_checkpoint: true
-legacy: False""", KL_F8, "    scale_factor: 0.18215\n"),
-    "layout2img": ldm("""image_size: 64
-in_channels: 3
-out_channels: 3
-model_channels: 128
-attention_resolutions: [8, 4, 2]
-num_res_blocks: 2
-channel_mult: [1, 2, 3, 4]
-num_head_channels: 32
-use_spatial_transformer: true
-transformer_depth: 3
-context_dim: 512""", VQ_F4),
+    "cin256": ldm("{image_size: 32, in_channels: 4, out_channels: 4, model_channels: 256, "
+        "attention_resolutions: [4, 2, 1], num_res_blocks: 2, channel_mult: [1, 2, 4], "
+        "num_head_channels: 32, use_spatial_transformer: true, transformer_depth: 1, "
+        "context_dim: 512}",
+        VQ_F8),
+    "cin256-v2": ldm("{image_size: 64, in_channels: 3, out_channels: 3, model_channels: 192, "
+        "attention_resolutions: [8, 4, 2], num_res_blocks: 2, channel_mult: [1, 2, 3, 5], "
+        "num_heads: 1, use_spatial_transformer: true, transformer_depth: 1, context_dim: 512}",
+        VQ_F4),
+    "txt2img-1p4B": ldm("{image_size: 32, in_channels: 4, out_channels: 4, model_channels: 320, "
+        "attention_resolutions: [4, 2, 1], num_res_blocks: 2, channel_mult: [1, 2, 4, 4], "
+        "num_heads: 8, use_spatial_transformer: true, transformer_depth: 1, context_dim: 1280, "
+        "use_checkpoint: true, legacy: false}",
+        KL_F8, SD),
+    "layout2img": ldm("{image_size: 64, in_channels: 3, out_channels: 3, model_channels: 128, "
+        "attention_resolutions: [8, 4, 2], num_res_blocks: 2, channel_mult: [1, 2, 3, 4], "
+        "num_head_channels: 32, use_spatial_transformer: true, transformer_depth: 3, "
+        "context_dim: 512}",
+        VQ_F4),
     # Stable Diffusion
-    "sd1": ldm("""image_size: 32
-in_channels: 4
-out_channels: 4
-model_channels: 320
-attention_resolutions: [4, 2, 1]
-num_res_blocks: 2
-channel_mult: [1, 2, 4, 4]
-num_heads: 8
-use_spatial_transformer: True
-transformer_depth: 1
-context_dim: 768
-use_checkpoint: True
-legacy: False""", KL_F8, "    scale_factor: 0.18215\n"),
-    "sd2": ldm(SD_V2, KL_F8, "    scale_factor: 0.18215\n"),
-    "sd2-inpainting": ldm(SD_V2.replace("in_channels: 4", "in_channels: 9"), KL_F8, "    scale_factor: 0.18215\n"),
-    "sd2-unclip-h": ldm('num_classes: "sequential"\nadm_in_channels: 2048\n' + SD_V2, KL_F8,
-                        "    scale_factor: 0.18215\n"),
-    "sd-x4-upscaler": ldm("""use_checkpoint: True
-num_classes: 1000
-image_size: 128
-in_channels: 7
-out_channels: 4
-model_channels: 256
-attention_resolutions: [ 2,4,8]
-num_res_blocks: 2
-channel_mult: [ 1, 2, 2, 4]
-disable_self_attentions: [True, True, True, False]
-disable_middle_self_attn: False
-num_heads: 8
-use_spatial_transformer: True
-transformer_depth: 1
-context_dim: 1024
-legacy: False
-use_linear_in_transformer: True""", KL_F4_UPSCALER, "    scale_factor: 0.08333\n"),
+    "sd1": ldm("{image_size: 32, in_channels: 4, out_channels: 4, model_channels: 320, "
+        "attention_resolutions: [4, 2, 1], num_res_blocks: 2, channel_mult: [1, 2, 4, 4], "
+        "num_heads: 8, use_spatial_transformer: true, transformer_depth: 1, context_dim: 768, "
+        "use_checkpoint: true, legacy: false}",
+        KL_F8, SD),
+    "sd2": ldm(SD_V2, KL_F8, SD),
+    "sd2-inpainting": ldm(SD_V2.replace("in_channels: 4", "in_channels: 9"), KL_F8, SD),
+    "sd2-unclip-h": ldm(SD_V2.replace("{", "{num_classes: sequential, adm_in_channels: 2048, "), KL_F8, SD),
+    "sd-x4-upscaler": ldm("{use_checkpoint: true, num_classes: 1000, image_size: 128, in_channels: 7, "
+        "out_channels: 4, model_channels: 256, attention_resolutions: [2, 4, 8], "
+        "num_res_blocks: 2, channel_mult: [1, 2, 2, 4], "
+        "disable_self_attentions: [true, true, true, false], disable_middle_self_attn: false, "
+        "num_heads: 8, use_spatial_transformer: true, transformer_depth: 1, context_dim: 1024, "
+        "legacy: false, use_linear_in_transformer: true}",
+        KL_F4_UPSCALER, "    scale_factor: 0.08333\n"),
     "sdxl-base": """model:
   target: sgm.models.diffusion.DiffusionEngine
   params:
@@ -237,13 +161,9 @@ PUBLISHED = {"sd1": 859_520_964, "sd2": 865_910_724, "sdxl-base": 2_567_463_684}
 PINNED = {"sd1", "sd2", "sd2-inpainting", "sd2-unclip-h", "sdxl-base"}
 
 
-def first_stage(target: str, embed_dim: int, ddconfig: str, n_embed: int = 0) -> str:
-    lines = [f"  target: ldm.models.autoencoder.{target}", "  params:", f"    embed_dim: {embed_dim}"]
-    if n_embed:
-        lines.append(f"    n_embed: {n_embed}")
-    lines.append(f"    ddconfig: {{double_z: {str(target == 'AutoencoderKL').lower()}, resolution: 256, in_channels: 3, "
-                 f"out_ch: 3, ch: 128, num_res_blocks: 2, dropout: 0.0, {ddconfig}}}")
-    return "model:\n" + "\n".join(lines) + "\n"
+def first_stage(*args) -> str:
+    """A first stage's own config (models/first_stage_models/*/config.yaml): model.target / model.params."""
+    return "model:\n" + textwrap.indent(ae(*args), "  ") + "\n"
 
 
 FIRST_STAGES = {  # models/first_stage_models/*/config.yaml
