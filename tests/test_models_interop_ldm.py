@@ -53,6 +53,19 @@ def test_plain_attention_block_matches_the_original_in_both_head_orders(backend)
     assert (outputs[False] - outputs[True]).abs().max() > 1e-3  # same weights, other order: another function
 
 
+def test_plain_unet_keeps_middle_attention_at_depth_zero():
+    """The original puts an AttentionBlock in the middle block whatever the levels do (semantic_synthesis:
+    no attention at any level); only an explicit transformer_depth_middle=0 removes it."""
+    kwargs = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                  attention_resolutions=[], num_heads=8, num_head_channels=-1, context_dim=None, attention_block="plain",
+                  transformer_depth=[0])
+    with torch.device("meta"):
+        unet = UNet(**kwargs)
+        assert isinstance(unet.middle_block[1], AttentionBlock) and unet.middle_block[1].heads == 8
+        assert not any(isinstance(m, AttentionBlock) for m in unet.input_blocks.modules())
+        assert len(UNet(**kwargs, transformer_depth_middle=0).middle_block) == 2
+
+
 PLAIN = {
     # LDM's unconditional/SR U-Nets (celebahq, bsr_sr): head width, conv resampling, class labels
     "head_width": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=16,

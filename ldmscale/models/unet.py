@@ -172,7 +172,9 @@ class UNet(nn.Module):
             raise ValueError("set model.num_classes or model.adm_in_channels, not both")
         channel_mult = list(channel_mult)
         depth = _per_level(transformer_depth, len(channel_mult), "transformer_depth")
-        depth_middle = depth[-1] if transformer_depth_middle is None else transformer_depth_middle
+        if transformer_depth_middle is None:  # the original always has middle attention with plain blocks
+            transformer_depth_middle = 1 if attention_block == "plain" else depth[-1]
+        depth_middle = transformer_depth_middle
         self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
         self.context_dim, self.num_classes, self.adm_in_channels = context_dim, num_classes, adm_in_channels
         self.gradient_checkpointing = gradient_checkpointing
