@@ -172,8 +172,8 @@ def test_autoencoder_attention_at_any_level_matches_diffusers_both_ways(style, t
     diffusers = pytest.importorskip("diffusers")
     cls, kwargs = AUTOENCODERS[style]
     theirs = randomize(getattr(diffusers, cls)(sample_size=16, layers_per_block=1, **kwargs)).eval()
-    theirs.save_pretrained(tmp_path / "vae")
-    ours = load_autoencoder(tmp_path / "vae")
+    theirs.save_pretrained(tmp_path / "pipe" / ("vae" if cls == "AutoencoderKL" else "vqvae"))  # LDMPipeline: vqvae/
+    ours = load_autoencoder(tmp_path / "pipe")
     assert isinstance(ours, AutoencoderKL if cls == "AutoencoderKL" else VQModel)
     pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
 

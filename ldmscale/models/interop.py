@@ -698,8 +698,8 @@ def _build_autoencoder(cfg: dict[str, Any]) -> AutoencoderKL | VQModel:
 
 
 # ------------------------------------------------------------------------------------------ load / save
-def _diffusers_dir(path: Path, sub: str) -> Optional[Path]:
-    for candidate in (path, path / sub):
+def _diffusers_dir(path: Path, *subs: str) -> Optional[Path]:
+    for candidate in (path, *(path / sub for sub in subs)):
         config = candidate / "config.json"
         if config.is_file() and "_class_name" in json.loads(config.read_text()):
             return candidate
@@ -790,7 +790,7 @@ def _read_autoencoder(path: Path) -> tuple[Optional[dict[str, Any]], dict[str, t
         if ours := _ours_dir(path, "autoencoder"):
             meta = json.loads((ours / OUR_CONFIG).read_text())
             return meta["config"], load_file(str(ours / OUR_WEIGHTS)), str(ours), None
-        if folder := _diffusers_dir(path, "vae"):
+        if folder := _diffusers_dir(path, "vae", "vqvae"):  # vqvae: diffusers' LDM pipelines
             config = autoencoder_config_from_diffusers(json.loads((folder / "config.json").read_text()))
             with torch.device("meta"):
                 skeleton = _build_autoencoder(config)
