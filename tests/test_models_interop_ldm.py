@@ -66,6 +66,21 @@ def test_plain_unet_keeps_middle_attention_at_depth_zero():
         assert len(UNet(**kwargs, transformer_depth_middle=0).middle_block) == 2
 
 
+def test_num_heads_upsample_follows_the_original_legacy_rule():
+    """Legacy plain U-Nets with num_heads use num_heads_upsample in the decoder half; non-legacy ignores it."""
+    from ldmscale.models.interop import unet_config_from_original
+
+    params = dict(in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2], num_res_blocks=1,
+                  channel_mult=[1, 2], num_heads=4, num_heads_upsample=2)
+    for legacy, decoder_heads in ((True, 2), (False, 4)):
+        original = {"model": {"params": {"unet_config": {"params": {**params, "legacy": legacy}}}}}
+        with torch.device("meta"):
+            unet = UNet(**unet_config_from_original(original))
+        assert {m.heads for m in unet.input_blocks.modules() if isinstance(m, AttentionBlock)} == {4}
+        assert {m.heads for m in unet.output_blocks.modules() if isinstance(m, AttentionBlock)} == {decoder_heads}
+        assert unet.middle_block[1].heads == 4
+
+
 PLAIN = {
     # LDM's unconditional/SR U-Nets (celebahq, bsr_sr): head width, conv resampling, class labels
     "head_width": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=16,
@@ -268,6 +283,9 @@ def test_ambiguous_heads_are_refused_and_the_original_config_loads_them(tmp_path
     ae = load_autoencoder(tmp_path / "model.ckpt", original_config=tmp_path / "config.yaml")
     assert_same_state(ae, vq)
     assert ae.scale_factor == 0.5 and ae.config["attn_resolutions"] == [16]
+    vae_out = convert(["vae", str(tmp_path / "model.ckpt"), str(tmp_path / "vae"), "--to", "ldmscale",
+                       "--original-config", str(tmp_path / "config.yaml")])
+    assert_same_state(load_autoencoder(vae_out), vq)
     assert load_autoencoder(tmp_path / "model.ckpt").config["attn_resolutions"] == [256 // 2]  # from the keys
 
 
