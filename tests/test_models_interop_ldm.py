@@ -310,3 +310,40 @@ def test_plain_ldm_unet_without_config_is_refused_and_loads_with_its_yaml(tmp_pa
     assert_same_state(loaded, unet)
     assert isinstance(loaded.middle_block[1], AttentionBlock)
     assert [m.heads for m in loaded.modules() if isinstance(m, AttentionBlock)] == [4] * 4  # level 1: 1 + 2, middle: 1
+
+
+ADM = {  # vector conditioning: SD 2.1 unCLIP (image embedding + noise level) and SDXL (pooled text + sizes)
+    "unclip": dict(class_embed_type="projection", projection_class_embeddings_input_dim=12),
+    "sdxl": dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=52),
+}
+
+
+@pytest.mark.parametrize("style", sorted(ADM))
+def test_vector_conditioned_unets_match_diffusers_both_ways(style, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from ldmscale.models.unet import timestep_embedding
+
+    theirs = randomize(diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **ADM[style])).eval()
+    theirs.save_pretrained(tmp_path / "unet")
+    ours = load_unet(tmp_path / "unet")
+    assert ours.config["num_head_channels"] == 16
+    assert ours.config["adm_in_channels"] == ADM[style]["projection_class_embeddings_input_dim"]
+    g = torch.Generator().manual_seed(5)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([7, 600]), torch.randn(2, 5, 24, generator=g)
+    with torch.no_grad():
+        if style == "sdxl":  # SDXL's vector: pooled text ‖ sinusoidal embeddings of the six size/crop numbers
+            pooled, ids = torch.randn(2, 4, generator=g), torch.tensor([[512., 512, 0, 0, 512, 512]] * 2)
+            y = torch.cat([pooled, timestep_embedding(ids.flatten(), 8).reshape(2, -1)], dim=1)
+            expected = theirs(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        else:
+            y = torch.randn(2, 12, generator=g)
+            expected = theirs(x, t, ctx, class_labels=y).sample
+        got = ours(x, t, ctx, y=y)
+        assert (got - expected).abs().max() < TOL
+        save_unet(ours, tmp_path / "export", "diffusers")  # the vector enters as a projected class embedding
+        again = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "export").eval()
+        assert (again(x, t, ctx, class_labels=y).sample - got).abs().max() < TOL
