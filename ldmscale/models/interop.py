@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -95,9 +96,11 @@ def _rename(state: dict[str, torch.Tensor], prefix_map: dict[str, str]) -> dict[
 
 # ------------------------------------------------------------------------------------------ original configs
 def read_original_config(original_config: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """The .yaml shipped with an LDM/SD checkpoint (a path, or the already-parsed dict)."""
+    """The .yaml shipped with an LDM/SD checkpoint (a path, or the already-parsed dict / OmegaConf config)."""
     if isinstance(original_config, dict):
         return original_config
+    if OmegaConf.is_config(original_config):  # what the original code itself loads it as
+        return OmegaConf.to_container(original_config, resolve=True)
     path = Path(original_config)
     loaded = yaml.safe_load(path.read_text())
     if not isinstance(loaded, dict):
