@@ -172,9 +172,9 @@ class UNet(nn.Module):
             raise ValueError("set model.num_classes or model.adm_in_channels, not both")
         channel_mult = list(channel_mult)
         depth = _per_level(transformer_depth, len(channel_mult), "transformer_depth")
-        if transformer_depth_middle is None:  # the original always has middle attention with plain blocks
-            transformer_depth_middle = 1 if attention_block == "plain" else depth[-1]
         depth_middle = transformer_depth_middle
+        if depth_middle is None:  # the original always has middle attention with plain blocks
+            depth_middle = 1 if attention_block == "plain" else depth[-1]
         self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
         self.context_dim, self.num_classes, self.adm_in_channels = context_dim, num_classes, adm_in_channels
         self.gradient_checkpointing = gradient_checkpointing
@@ -203,7 +203,8 @@ class UNet(nn.Module):
         def attention(ch: int, level_depth: int, level: Optional[int] = None, up: bool = False) -> nn.Module:
             """The attention layer of a level (None: the middle block) in the original's head arithmetic."""
             if num_head_channels == -1:
-                heads = num_heads_upsample if up and num_heads_upsample != -1 else num_heads
+                plain_up = up and attention_block == "plain" and num_heads_upsample != -1  # the original's rule
+                heads = num_heads_upsample if plain_up else num_heads
             else:
                 heads = ch // num_head_channels
             if attention_block == "plain":
