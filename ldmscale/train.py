@@ -129,18 +129,27 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
 
 
 def run(cfg: Config) -> None:
-    """Run one job described by `cfg` in this process (under python, torchrun, deepspeed or srun)."""
-    from ldmscale import checkpoint as ckpt
-    from ldmscale.config import save_resolved
+    """Run one job described by `cfg` in this process (under python, torchrun, deepspeed or srun).
+
+    Any rank's exception ends the whole job with that exception printed (env.fail_fast), never a hang.
+    """
     from ldmscale.distributed import env
-    from ldmscale.metrics import build_logger, detect_peak_flops
-    from ldmscale.trainer import Trainer
 
     if cfg.dry_run:
         dry_run(cfg, env.detect().world_size)
         return
-    backend = cfg.deepspeed.backend
-    dist = env.setup(backend)
+    dist = env.setup(cfg.deepspeed.backend)
+    with env.fail_fast(dist):
+        _run_stage(cfg, dist)
+    env.teardown()
+
+
+def _run_stage(cfg: Config, dist: Any) -> None:
+    from ldmscale import checkpoint as ckpt
+    from ldmscale.config import save_resolved
+    from ldmscale.metrics import build_logger, detect_peak_flops
+    from ldmscale.trainer import Trainer
+
     engines: dict[str, Any] = {}
     logger = None
     try:
@@ -164,12 +173,11 @@ def run(cfg: Config) -> None:
         trainer.logger = logger
         ckpt.SAVE_REQUEST.install()
         trainer.fit()
-    finally:
+    finally:  # local cleanup only (no collectives): it also runs on the way out of a failure
         if logger is not None:
             logger.close()
         for engine in engines.values():
             engine.destroy()
-        env.teardown()
 
 
 register_configs()
