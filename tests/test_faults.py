@@ -297,3 +297,48 @@ def test_nonfinite_run_stops_and_resumes_from_the_last_good_step_with_a_lower_lr
     assert sorted(resumed) == list(range(1, 13))
     for step in (7, 8, 9, 10):  # same schedule position, a tenth of the LR: the configured LR won
         assert resumed[step] == pytest.approx(first[step] / 10), (step, first, resumed)
+
+
+# ---------------------------------------------------------------------------- slow: a hostile run directory
+def _train(run_dir: Path, cache: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "ldmscale.train", "stage=diffusion", f"data.train_shards=[{cache}]",
+            "data.micro_batch_size=8", "data.global_batch_size=8", f"trainer.max_steps={steps}",
+            "checkpoint.every_steps=2", "deepspeed.zero_stage=1", f"run_dir={run_dir}",
+            "logger.wandb_mode=disabled", "logger.progress_bar=false"]
+
+
+@pytest.mark.slow
+def test_a_payload_in_any_run_directory_file_never_runs_on_resume_sample_or_export(tmp_path):
+    """Each file of a real ZeRO-1 checkpoint in turn holds a payload (meta.json's checksums rewritten to
+    match, as a careful attacker would): resume, sample and export refuse, naming the file; nothing runs."""
+    import shutil
+
+    from tests._train_helpers import make_cached_shards
+
+    cache = make_cached_shards(tmp_path, num_shards=1, per_shard=16)
+    clean = tmp_path / "clean"
+    code, out, _, _ = run_timed(_train(clean, cache, 2))
+    assert code == 0, out[-3000:]
+    step_dir = clean / "checkpoints" / "step_00000002"
+    files = sorted(p.relative_to(clean) for p in step_dir.rglob("*.pt"))
+    assert {p.name for p in files} == {"client_rank0.pt", "mp_rank_00_model_states.pt",
+                                       "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+    for rel in files:
+        run_dir = tmp_path / rel.name
+        shutil.copytree(clean, run_dir)
+        bad = run_dir / rel
+        marker = plant_payload(bad)
+        commands = {
+            "resume": _train(run_dir, cache, 4),
+            "sample": [sys.executable, "-m", "ldmscale.sample", "--checkpoint", str(run_dir), "--prompt", "a",
+                       "--steps", "2", "--out", str(tmp_path / "samples"), "--no-progress"],
+            "export": [sys.executable, str(ROOT / "tools" / "export_checkpoint.py"), str(run_dir), "--raw",
+                       "--out", str(tmp_path / "w.safetensors")],
+        }
+        for name, cmd in commands.items():
+            code, out, _, _ = run_timed(cmd)
+            if name == "export" and bad.name == "client_rank0.pt":  # raw weights never read the client state
+                assert code == 0, out[-3000:]
+            else:
+                assert code != 0 and f"{bad}: refused to load" in out, (name, rel, out[-3000:])
+            assert not marker.exists(), (name, rel)
