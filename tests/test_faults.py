@@ -342,3 +342,114 @@ def test_a_payload_in_any_run_directory_file_never_runs_on_resume_sample_or_expo
             else:
                 assert code != 0 and f"{bad}: refused to load" in out, (name, rel, out[-3000:])
             assert not marker.exists(), (name, rel)
+
+
+# ---------------------------------------------------------------------------- fast: cache fingerprints
+def test_cache_fingerprint_covers_run_dirs_exports_and_no_weights(tmp_path):
+    """A cache made from one autoencoder source is refused with any other, naming both fingerprints."""
+    import dataclasses
+
+    from ldmscale.data.cache import CacheSpec, build_encoders
+    from ldmscale.data.loader import CacheMismatchError, check_manifest
+    from ldmscale.models import build_autoencoder, save_autoencoder
+    from ldmscale.stage1 import EXPORT_DIR, LATENT_SCALE_FILE
+    from tests._data_helpers import base_config
+
+    cfg = base_config()
+    sources: dict[str, str | None] = {"none": None}
+    for seed in (1, 2):  # two stage-1 run directories with different weights
+        torch.manual_seed(seed)
+        run_dir = tmp_path / f"ae_run{seed}"
+        save_autoencoder(build_autoencoder(cfg.autoencoder), run_dir / EXPORT_DIR, "ldmscale")
+        (run_dir / LATENT_SCALE_FILE).write_text("{}")
+        sources[f"run{seed}"] = str(run_dir)
+    exported = next((tmp_path / "ae_run1" / EXPORT_DIR).glob("*.safetensors"))
+    sources["export file"] = str(exported)
+
+    def manifest_for(weights):
+        ae_cfg = dataclasses.replace(cfg.autoencoder, weights=weights)
+        encoders = build_encoders(ae_cfg, cfg.conditioner)
+        return CacheSpec.build(cfg.data, cfg.conditioner, ae_cfg, cfg.cache, encoders).fingerprint, ae_cfg
+
+    made = {name: manifest_for(weights) for name, weights in sources.items()}
+    fingerprints = {name: m["encoders"]["autoencoder"]["weights_source"] for name, (m, _) in made.items()}
+    assert len(set(fingerprints.values())) == 4, fingerprints  # every source is told apart
+    for cache_name, (manifest, _) in made.items():
+        for config_name, (_, ae_cfg) in made.items():
+            if cache_name == config_name:
+                check_manifest(manifest, cfg.data, cfg.conditioner, ae_cfg)
+                continue
+            with pytest.raises(CacheMismatchError, match="autoencoder.weights") as error:
+                check_manifest(manifest, cfg.data, cfg.conditioner, ae_cfg)
+            assert fingerprints[cache_name] in str(error.value) and fingerprints[config_name] in str(error.value)
+
+
+# ---------------------------------------------------------------------------- fast: bad inputs
+def test_shipped_limits_skip_tiny_extreme_and_huge_images_and_cut_captions():
+    import io
+
+    from PIL import Image
+
+    from ldmscale.data.shards import SampleFilter, SkipSample, decode_sample
+    from tests._data_helpers import base_config, png
+
+    cfg = base_config()
+    rules = SampleFilter.from_config(cfg.data, require_caption=True)
+    assert (rules.min_size, rules.max_aspect_ratio, rules.max_pixels, rules.max_caption_bytes) == (
+        cfg.data.resolution // 4, 4.0, 50_000_000, 2048)
+
+    def decode(image: bytes, caption: bytes = b"a red square"):
+        return decode_sample({"__key__": "k", "__url__": "u.tar", "png": image, "txt": caption}, rules)
+
+    for size, reason in (((1, 1), "too_small"), ((2, 2), "too_small"), ((2000, 40), "extreme_aspect")):
+        with pytest.raises(SkipSample) as skip:
+            decode(png(*size))
+        assert skip.value.reason == reason, size
+    huge = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(huge, format="PNG")  # 144 MP: 2 GB once decoded as RGB
+    with pytest.raises(SkipSample) as skip:
+        decode(huge.getvalue())
+    assert skip.value.reason == "too_many_pixels" and "data.max_pixels" in skip.value.detail
+    caption = ("é" * 60_000).encode()  # 120 KB, 2-byte characters
+    kept = decode(png(32, 32), caption).caption
+    assert kept == "é" * 1024 and len(kept.encode()) == 2048
+
+
+# ---------------------------------------------------------------------------- fast: start-up errors
+@pytest.mark.parametrize("overrides, message", [
+    (["+no_such_key=1"], r"unknown config key\(s\) \['no_such_key'\]"),
+    (["+data.no_such=1"], r"unknown config key\(s\) \['data.no_such'\]"),
+    (["optim.lr=-1"], "optim.lr=-1.0 must be >= 0"),
+    (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
+])
+def test_bad_config_values_fail_naming_the_key(overrides, message):
+    from ldmscale.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match=message):
+        compose(overrides)
+
+
+def test_bad_paths_fail_at_start_naming_the_key(tmp_path, monkeypatch):
+    from ldmscale.config import ConfigError, check_paths, compose
+
+    monkeypatch.chdir(tmp_path)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for overrides, message in (
+        (["run_dir=/proc/x"], "run_dir='/proc/x' cannot be created"),
+        ([f"checkpoint.dir={a_file}"], f"checkpoint.dir='{a_file}' is a file"),
+        ([f"data.train_shards=[{tmp_path}/nope/cache]"], rf"data.train_shards\[0\]='{tmp_path}/nope/cache'"),
+        (["+experiment=ae_demo"], r"'data/shapes32' does not exist \(conf/experiment/ae_demo.yaml says how"),
+    ):
+        cfg = compose([f"run_dir={tmp_path}/run", *overrides])
+        with pytest.raises(ConfigError, match=message):
+            check_paths(cfg)
+
+
+def test_the_demo_refuses_torchrun_and_dry_run_does_not_run_it(tmp_path):
+    cmd = [sys.executable, "-m", "ldmscale.train", f"run_dir={tmp_path}/demo"]
+    ranks = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    code, out, _, _ = run_timed(cmd, timeout=120, **ranks)
+    assert code != 0 and "not torchrun" in out and not (tmp_path / "demo" / "data").exists(), out[-2000:]
+    code, out, _, _ = run_timed([*cmd, "dry_run=true"], timeout=120)
+    assert code == 0 and "FLOPs/image" in out and "[demo]" not in out, out[-2000:]
