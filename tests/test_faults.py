@@ -281,6 +281,10 @@ def test_one_rank_failing_during_resume_ends_the_job_naming_the_file(tmp_path):
     assert not marker.exists()
     assert failed_at is not None and ended - failed_at < FAIL_FAST_LIMIT_S, (ended - failed_at, out[-3000:])
     print(f"fail-fast resume: {ended - failed_at:.2f} s from the failure to the job's exit")
+    bad.unlink()  # the case: a rank's client state is missing (it used to hang both ranks)
+    code, out, failed_at, ended = run_timed(torchrun_cmd("toy_train.py", run_dir, 2, 4, 2))
+    assert code != 0 and "no checkpoint verifies" in out and f"{bad} is missing" in out, out[-3000:]
+    assert failed_at is not None and ended - failed_at < FAIL_FAST_LIMIT_S, (ended - failed_at, out[-3000:])
 
 
 @pytest.mark.slow
