@@ -259,14 +259,17 @@ FAIL_FAST_LIMIT_S = 30
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["start", "step:3"])
-def test_one_rank_failing_ends_the_job_with_its_error(tmp_path, where):
+@pytest.mark.parametrize("where, stall", [("start", ""), ("step:3", ""), ("step:3", "0:step:3")])
+def test_one_rank_failing_ends_the_job_with_its_error(tmp_path, where, stall):
+    """Also while the other rank is busy outside any collective (stall): the store-based peer watch ends it."""
     code, out, failed_at, ended = run_timed(torchrun_cmd("toy_train.py", tmp_path / "run", 2, 8),
-                                            TOY_FAULT=f"1:{where}")
+                                            TOY_FAULT=f"1:{where}", TOY_STALL=stall)
     assert code != 0, out[-3000:]
     assert f"injected fault on rank 1 at {where}" in out and "[ldmscale] rank 1 of 2 failed" in out, out[-3000:]
     assert failed_at is not None and ended - failed_at < FAIL_FAST_LIMIT_S, (ended - failed_at, out[-3000:])
-    print(f"fail-fast {where}: {ended - failed_at:.2f} s from the fault to the job's exit")
+    if stall:
+        assert "[ldmscale] rank 0: stopping, rank 1 failed" in out, out[-3000:]
+    print(f"fail-fast {where} {stall}: {ended - failed_at:.2f} s from the fault to the job's exit")
 
 
 @pytest.mark.slow

@@ -13,9 +13,13 @@ import os
 import re
 import socket
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,70 @@ def setup(backend: str = "auto") -> DistEnv:
         tdist.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
         atexit.register(teardown)
     _CURRENT = dist
+    if dist.is_distributed:
+        _PEERS.start(dist)
     return dist
+
+
+class _PeerWatch:
+    """Ends this rank as soon as another rank reports a failure through the rendezvous store.
+
+    A peer's death only surfaces at our next collective, and under NCCL that collective may wait out its
+    timeout (minutes); a rank busy outside collectives (data loading, a save) would not notice at all,
+    and torchrun's SIGTERM is taken as "save and stop". So a failing rank sets a key in the job's
+    TCPStore (the launcher's, at MASTER_ADDR:MASTER_PORT) and every rank has a daemon thread blocked on
+    that key, on its own store connection (no polling, no load on the store).
+    """
+
+    def __init__(self) -> None:
+        self.store: Any = None
+        self.stopping = threading.Event()
+
+    @staticmethod
+    def key() -> str:  # one per torchrun restart round: an old failure must not end a restarted job
+        return f"ldmscale/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def _connect(self, dist: DistEnv) -> Any:
+        import torch.distributed as tdist
+
+        return tdist.TCPStore(dist.master_addr, dist.master_port, is_master=False,
+                              timeout=timedelta(seconds=30), wait_for_workers=False)
+
+    def start(self, dist: DistEnv) -> None:
+        try:
+            self.store = self._connect(dist)
+            watcher = self._connect(dist)
+        except Exception:  # no reachable store (an unusual launcher): collectives and the launcher remain
+            return
+        threading.Thread(target=self._watch, args=(watcher, dist), name="ldmscale-peer-watch", daemon=True).start()
+
+    def _watch(self, store: Any, dist: DistEnv) -> None:
+        while not self.stopping.is_set():
+            try:
+                store.wait([self.key()], timedelta(days=1))
+            except Exception:  # a timeout, or the store went away at the end of the job
+                if self.stopping.wait(1.0):
+                    return
+                continue
+            if self.stopping.is_set():
+                return
+            failed = store.get(self.key()).decode()
+            sys.stderr.write(f"[ldmscale] rank {dist.rank}: stopping, rank {failed} failed (its error is above)\n")
+            sys.stderr.flush()
+            os._exit(1)
+
+    def report(self, rank: int) -> None:
+        """Tell every peer that `rank` failed; keep the store up a moment in case this process hosts it."""
+        self.stopping.set()  # this rank exits on its own
+        if self.store is not None:
+            try:
+                self.store.set(self.key(), str(rank))
+                time.sleep(1.0)
+            except Exception:
+                pass
+
+
+_PEERS = _PeerWatch()
 
 
 def teardown() -> None:
@@ -167,6 +234,7 @@ def teardown() -> None:
     """
     import torch.distributed as tdist
 
+    _PEERS.stopping.set()  # before the barrier: a peer may leave (and take the store with it) right after
     if tdist.is_available() and tdist.is_initialized():
         try:
             tdist.barrier()
@@ -198,6 +266,7 @@ def fail_fast(dist: DistEnv | None = None) -> Iterator[None]:
                          f"{str(err).splitlines()[0] if str(err) else ''} - ending the job\n")
         sys.stderr.flush()
         sys.stdout.flush()
+        _PEERS.report(dist.rank)
         os._exit(1)
 
 

@@ -5,7 +5,7 @@ With TOY_DUMP_REFERENCE=1, rank 0 also writes RUN_DIR/reference.pt: the live ful
 weights at the end, which offline consolidation (ldmscale.checkpoint.load_run_weights) must reproduce.
 
 Fault injection (tests/test_faults.py): TOY_FAULT=RANK:start or RANK:step:N raises on that rank at start-up
-or in step N (printing "FAULT <unix time>" first); TOY_NAN_FROM=N makes every loss from step N non-finite;
+or in step N (printing "FAULT <unix time>" first); TOY_STALL=RANK:step:N sleeps 120 s there; TOY_NAN_FROM=N makes every loss from step N non-finite;
 TOY_LR overrides the learning rate (1e-2).
 """
 
@@ -51,6 +51,8 @@ class ToyLoader:
 
 
 def fault(rank: int, where: str) -> None:
+    if os.environ.get("TOY_STALL") == f"{rank}:{where}":  # busy outside any collective (a slow read)
+        time.sleep(120)
     if os.environ.get("TOY_FAULT") == f"{rank}:{where}":
         print(f"FAULT {time.time():.3f}", flush=True)
         raise RuntimeError(f"injected fault on rank {rank} at {where}")
