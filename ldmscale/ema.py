@@ -57,13 +57,17 @@ class PartitionedEMA:
         return 0.0 if step < self.start_step else self.decay
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = self.current_decay(step)
+    def update(self, step: int, applied: torch.Tensor | float = 1.0) -> None:
+        """`applied`: 1, or a device 0/1 tensor that is 0 when the optimiser step was skipped (then the
+        shadow stays as it is, decided on the device without a host sync)."""
+        weight = (1.0 - self.current_decay(step)) * applied
+        if torch.is_tensor(weight):
+            weight = weight.to(torch.float32)
         views = [v.float() for v in self._local_views()]
         pairs = [(s, v) for s, v in zip(self.shadow, views) if s.numel()]
         if pairs:
             shadow, values = zip(*pairs)
-            torch._foreach_lerp_(list(shadow), list(values), 1.0 - decay)
+            torch._foreach_lerp_(list(shadow), list(values), weight)
         self.num_updates += 1
 
     # ---- checkpoint state (per rank: it is this rank's partition)
@@ -113,14 +117,6 @@ class PartitionedEMA:
         else:
             flat = padded[:total]
         return _unflatten(flat, self.names, [p.shape for p in self._params])
-
-    @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
-        """Load the full EMA weights into a plain (unpartitioned) copy of the module."""
-        full = self.full_state_dict()
-        params = dict(module.named_parameters())
-        for name, value in full.items():
-            params[name].copy_(value.to(params[name].dtype))
 
 
 def _unflatten(flat: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> dict[str, torch.Tensor]:

@@ -93,7 +93,7 @@ def train_check(cfg: Any, *, steps: int, warmup: int, device: torch.device) -> d
         torch.manual_seed(cfg.seed)
         denoiser = build_denoiser(cfg.model, cfg.conditioner)
         params = sum(p.numel() for p in denoiser.parameters())
-        flops = flops_per_image(denoiser, cfg)
+        flops = flops_per_image(cfg)
         engine = eng.initialize(denoiser.to(device), cfg.deepspeed, cfg.optim,
                                 micro_batch_size=cfg.data.micro_batch_size,
                                 global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size,
