@@ -61,13 +61,14 @@ class PartitionedEMA:
         """`applied`: 1, or a device 0/1 tensor that is 0 when the optimiser step was skipped (then the
         shadow stays as it is, decided on the device without a host sync)."""
         weight = (1.0 - self.current_decay(step)) * applied
-        if torch.is_tensor(weight):
-            weight = weight.to(torch.float32)
         views = [v.float() for v in self._local_views()]
         pairs = [(s, v) for s, v in zip(self.shadow, views) if s.numel()]
         if pairs:
             shadow, values = zip(*pairs)
-            torch._foreach_lerp_(list(shadow), list(values), weight)
+            if torch.is_tensor(weight):  # one weight per tensor: the single-tensor overload reads it on the host
+                torch._foreach_lerp_(list(shadow), list(values), [weight.to(torch.float32)] * len(shadow))
+            else:
+                torch._foreach_lerp_(list(shadow), list(values), weight)
         self.num_updates += 1
 
     # ---- checkpoint state (per rank: it is this rank's partition)
