@@ -104,33 +104,43 @@ def dry_run(cfg: Config, world_size: int) -> dict[str, Any]:
     return report
 
 
+def build_training_denoiser(cfg: Config, dist: Any) -> torch.nn.Module:
+    """The denoiser to train, with its initial weights, on this rank's device. Under ZeRO-3 with
+    deepspeed.zero3_init each rank materialises only its partition of every parameter (deepspeed.zero.Init)."""
+    from ldmscale.distributed import engine as eng
+    from ldmscale.models import build_denoiser
+
+    zero3_init = cfg.deepspeed.zero3_init and cfg.deepspeed.zero_stage == 3
+    if zero3_init and (cfg.model.weights or cfg.checkpoint.load_weights_only):
+        raise ValueError("deepspeed.zero3_init=true builds the denoiser already partitioned, and loading "
+                         "model.weights / checkpoint.load_weights_only into partitions is not supported: set "
+                         "deepspeed.zero3_init=false to start from weights")
+    ds_config = eng.build_ds_config(cfg.deepspeed, cfg.optim, micro_batch_size=cfg.data.micro_batch_size,
+                                    global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size)
+    with eng.zero3_init_context(ds_config, zero3_init):
+        denoiser = build_denoiser(cfg.model, cfg.conditioner)
+    if cfg.checkpoint.load_weights_only:
+        from ldmscale.checkpoint import load_weights
+
+        load_weights(denoiser, cfg.checkpoint.load_weights_only)
+    if torch.cuda.is_available() and not zero3_init:  # zero.Init already placed the partitions
+        denoiser = denoiser.to(f"cuda:{dist.local_rank}")
+    return denoiser
+
+
 def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
     """Engine(denoiser) + objective + EMA → DiffusionTask; also returns loader, accumulation, FLOPs/image."""
     from ldmscale.data.loader import build_loader
     from ldmscale.diffusion.objective import DiffusionObjective
     from ldmscale.distributed import engine as eng
     from ldmscale.ema import PartitionedEMA
-    from ldmscale.models import build_denoiser
     from ldmscale.trainer import DiffusionTask, SampleGrid
 
-    common = dict(micro_batch_size=cfg.data.micro_batch_size, global_batch_size=cfg.data.global_batch_size,
-                  world_size=dist.world_size)
-    zero3_init = cfg.deepspeed.zero3_init and cfg.deepspeed.zero_stage == 3
-    if zero3_init and (cfg.model.weights or cfg.checkpoint.load_weights_only):
-        raise ValueError("deepspeed.zero3_init=true builds the denoiser already partitioned, and loading "
-                         "model.weights / checkpoint.load_weights_only into partitions is not supported: set "
-                         "deepspeed.zero3_init=false to start from weights")
-    # ZeRO-3 with zero3_init: each rank materialises only its partition of every parameter (deepspeed.zero.Init).
-    with eng.zero3_init_context(eng.build_ds_config(cfg.deepspeed, cfg.optim, **common), zero3_init):
-        denoiser = build_denoiser(cfg.model, cfg.conditioner)
-    if cfg.checkpoint.load_weights_only:
-        from ldmscale.checkpoint import load_weights
-
-        load_weights(denoiser, cfg.checkpoint.load_weights_only)
+    denoiser = build_training_denoiser(cfg, dist)
+    engine = eng.initialize(denoiser, cfg.deepspeed, cfg.optim, micro_batch_size=cfg.data.micro_batch_size,
+                            global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size,
+                            max_steps=cfg.trainer.max_steps)
     flops = flops_per_image(cfg)
-    if torch.cuda.is_available() and not zero3_init:
-        denoiser = denoiser.to(f"cuda:{dist.local_rank}")
-    engine = eng.initialize(denoiser, cfg.deepspeed, cfg.optim, max_steps=cfg.trainer.max_steps, **common)
     ema = PartitionedEMA(engine.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
     num_classes = cfg.conditioner.num_classes if cfg.conditioner.kind == "class" else None
     task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), ema, cond_kind=cfg.conditioner.kind,

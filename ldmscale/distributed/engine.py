@@ -328,6 +328,7 @@ def zero3_init_context(ds_config: dict[str, Any] | None, enabled: bool):
     """Build a model directly partitioned (deepspeed.zero.Init) when ZeRO-3 is asked for."""
     if not enabled or ds_config is None or ds_config["zero_optimization"]["stage"] != 3:
         return contextlib.nullcontext()
+    deepspeed.init_distributed()  # adopts the process group env.setup made (zero.Init reads the world size)
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 

@@ -285,8 +285,17 @@ def unet_kwargs(cfg: UNetConfig) -> dict[str, Any]:
 
 def compile_blocks(unet: UNet, backend: str = "inductor") -> UNet:
     """Regional compilation, in place: each input/middle/output block compiles on its own (blocks of one
-    structure and shape share a graph), so compile time stays short and state_dict keys unprefixed."""
-    for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks):
+    structure and shape share a graph), so compile time stays short and state_dict keys unprefixed.
+
+    All blocks run one code object (TimestepEmbedSequential.forward) and Dynamo allows `recompile_limit`
+    (8) specialisations per code object before it silently runs the rest eagerly: the limit is raised to
+    8 per block (e.g. 8 aspect buckets)."""
+    import torch._dynamo.config as dynamo_config
+
+    blocks = (*unet.input_blocks, unet.middle_block, *unet.output_blocks)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(blocks))
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8 * len(blocks))
+    for block in blocks:
         block.compile(backend=backend)
     return unet
 

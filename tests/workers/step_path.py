@@ -6,6 +6,8 @@ usage: step_path.py CACHE_DIR RUN_DIR MODE ZERO_STAGE
             DeepSpeed frame that asked for it. Prints JSON.
   nonfinite one rank feeds NaN latents: the step is skipped on every rank (weights, EMA unchanged), then
             a run of NaN steps stops the trainer at its next check. Prints JSON.
+  compile   model.compile=true (backend: aot_eager behind a call counter) against eager: the training step
+            runs the compiled blocks and gives the same losses and weights. Prints JSON.
 """
 
 import json
@@ -99,6 +101,50 @@ def fit(trainer: Trainer, batches: list) -> None:
         pass
 
 
+GRAPH_CALLS: Counter = Counter()
+
+
+def counting_aot_eager(graph, example_inputs, **kwargs):
+    """aot_eager (Dynamo + AOTAutograd, eager kernels), counting each call of a compiled graph."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    GRAPH_CALLS["graphs"] += 1
+    compiled = lookup_backend("aot_eager")(graph, example_inputs, **kwargs)
+
+    def run(*args):
+        GRAPH_CALLS["calls"] += 1
+        return compiled(*args)
+
+    return run
+
+
+def compare_compiled(cfg, dist, batches: list) -> dict:
+    """Two tasks from one seed, eager and compiled, each trained 2 steps on the same micro-batches."""
+    from torch._dynamo import register_backend
+    from torch._dynamo.utils import counters
+
+    register_backend(counting_aot_eager)
+    results = {}
+    for compiled in (False, True):
+        cfg.model.compile, cfg.model.compile_backend = compiled, "counting_aot_eager"
+        torch.manual_seed(cfg.seed)
+        task, _, accumulation, _ = build_diffusion_task(cfg, dist)
+        GRAPH_CALLS.clear()
+        losses = [task.train_step(batches[i * accumulation:(i + 1) * accumulation], i)["loss"].item()
+                  for i in range(2)]
+        unet = task.engine.module.unet
+        results[compiled] = {"losses": losses, "calls": GRAPH_CALLS["calls"], "graphs": GRAPH_CALLS["graphs"],
+                             "weights": [p.detach().clone() for p in task.engine.module.parameters()],
+                             "blocks": len(unet.input_blocks) + 1 + len(unet.output_blocks),
+                             "forwards": 2 * accumulation}
+        task.engine.destroy()
+    eager, comp = results[False], results[True]
+    return {"eager_losses": eager["losses"], "compiled_losses": comp["losses"], "eager_calls": eager["calls"],
+            "graph_calls": comp["calls"], "graphs": comp["graphs"], "blocks": comp["blocks"],
+            "forwards": comp["forwards"], "graph_breaks": sum(counters["graph_break"].values()),
+            "max_weight_diff": max((a - b).abs().max().item() for a, b in zip(eager["weights"], comp["weights"]))}
+
+
 def main() -> None:
     cache, run_dir, mode, stage = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     dist = env.setup("gloo")
@@ -108,6 +154,13 @@ def main() -> None:
                    f"trainer.max_steps={never}", f"trainer.log_every_steps={never}", "trainer.sample_every_steps=0",
                    f"checkpoint.every_steps={never}", f"checkpoint.signal_check_steps={3 if mode == 'nonfinite' else never}",
                    "checkpoint.save_at_end=false", "trainer.max_nonfinite_steps=2", f"run_dir={run_dir}"])
+    if mode == "compile":
+        from ldmscale.data.loader import build_loader
+
+        it = iter(build_loader(cfg.data, cfg.conditioner, cfg.autoencoder, seed=cfg.seed, rank=0, world_size=1))
+        env.print0(json.dumps(compare_compiled(cfg, dist, [next(it) for _ in range(4)])))
+        env.teardown()
+        return
     torch.manual_seed(cfg.seed)
     task, loader, accumulation, _ = build_diffusion_task(cfg, dist)
     trainer = Trainer(task, loader, cfg.trainer, checkpointer=ckpt.Checkpointer(cfg.checkpoint, run_dir / "ckpt"),
