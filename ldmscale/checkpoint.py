@@ -131,11 +131,18 @@ class SaveRequest:
             pass
 
     def agreed(self) -> tuple[bool, bool]:
-        """(save, stop) as agreed by all ranks: a signal delivered to one rank is honoured by all."""
-        flags = torch.tensor([float(self.save), float(self.stop)])
-        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+        """(save, stop) as agreed by all ranks: a signal delivered to one rank is honoured by all.
+
+        Collective, with a host sync when there are several ranks: the trainer calls it on its sync steps
+        only (Trainer.should_sync). Under NCCL the flags travel through the GPU."""
+        if not (tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1):
+            return self.save, self.stop
+        device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        flags = torch.tensor([float(self.save), float(self.stop)], device=device)
+        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        save, stop = flags.tolist()
+        return bool(save), bool(stop)
 
     def clear(self) -> None:
         self.save = False

@@ -51,7 +51,8 @@ class UNetConfig:
     attention_backend: str = "sdpa"  # sdpa | xformers | math
     gradient_checkpointing: bool = False
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile each U-Net block (regional) of the denoiser that trains
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: tracing without codegen)
 
 
 # ---------------------------------------------------------------------------- autoencoder
@@ -299,6 +300,9 @@ class CheckpointConfig:
     load_weights_only: Optional[str] = None  # a consolidated checkpoint to start from
     dir: str = "${run_dir}/checkpoints"
     save_at_end: bool = True
+    # How often (steps) ranks agree on signals (SIGUSR1/SIGTERM) and count non-finite steps: each check is a
+    # host sync and, with several ranks, an all-reduce; logged and checkpoint steps check as well.
+    signal_check_steps: int = 10
 
 
 @dataclass
@@ -412,7 +416,7 @@ def validate(cfg: Config) -> Config:
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
     for key in ("data.micro_batch_size", "data.global_batch_size", "trainer.max_steps",
-                "trainer.log_every_steps", "checkpoint.every_steps"):
+                "trainer.log_every_steps", "checkpoint.every_steps", "checkpoint.signal_check_steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
     for key in ("launcher.nodes", "launcher.cpus_per_task", "launcher.timeout_min",

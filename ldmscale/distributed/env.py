@@ -38,10 +38,6 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def expand_nodelist(nodelist: str) -> list[str]:
     """Expand a SLURM hostlist such as 'gpu[001-003,7],cpu1' into host names."""
