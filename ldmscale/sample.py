@@ -72,7 +72,8 @@ class Generation:
 
 
 def _count(conditioning: Conditioning, num_images: Optional[int], inputs: dict[str, Any]) -> int:
-    given = {name: len(value) for name, value in inputs.items() if value is not None and _per_image(name, value)}
+    given = {name: len(value) for name, value in inputs.items()
+             if value is not None and _per_image(conditioning, name, value)}
     if len(set(given.values())) > 1:
         raise ValueError(f"per-image inputs disagree on the number of images: {given}")
     if given:
@@ -85,16 +86,16 @@ def _count(conditioning: Conditioning, num_images: Optional[int], inputs: dict[s
     return num_images
 
 
-def _per_image(name: str, value: Any) -> bool:
-    """Inputs with one entry per image (a list, or a tensor with a batch axis); a 1-D tensor or a pair of
-    numbers (e.g. SDXL's --original-size) applies to every image."""
-    if isinstance(value, Tensor):
-        return value.dim() >= 2 or name in PER_IMAGE_1D
-    return isinstance(value, (list, tuple)) and not all(isinstance(v, (int, float)) for v in value) \
-        or name in PER_IMAGE_1D
+# Inputs with one entry per image whatever the kind (image/mask: RePaint blending works for any kind).
+PER_IMAGE = ("prompts", "class_labels", "boxes", "box_classes", "low_res", "image", "mask")
 
 
-PER_IMAGE_1D = ("prompts", "class_labels")  # one number/string per image
+def _per_image(conditioning: Conditioning, name: str, value: Any) -> bool:
+    """A kind's `sampling_inputs` and PER_IMAGE hold one entry per image; any other input (e.g. SDXL's
+    original_size) is per image only when it has a batch axis ([N, 2]), else it applies to every image."""
+    if name in PER_IMAGE or name in conditioning.sampling_inputs:
+        return True
+    return torch.as_tensor(value).dim() >= 2
 
 
 def _repeat(value: Any, times: int) -> Any:
@@ -152,7 +153,7 @@ def generate(denoiser: nn.Module, autoencoder: Optional[nn.Module], text_encoder
     inputs = dict(prompts=prompts, class_labels=class_labels, boxes=boxes, box_classes=box_classes,
                   low_res=low_res, image=image, mask=mask, **kind_inputs)
     n_cond = _count(conditioning, num_images, inputs)
-    inputs = {k: _repeat(v, images_per_condition) if v is not None and _per_image(k, v) else v
+    inputs = {k: _repeat(v, images_per_condition) if v is not None and _per_image(conditioning, k, v) else v
               for k, v in inputs.items()}
     total = n_cond * images_per_condition
 
