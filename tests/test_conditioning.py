@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ldmscale.conditioning import KINDS, Conditioning, Derived, kind_for, register
-from ldmscale.config import ConditionerConfig, compose
+from ldmscale.config import compose
 from ldmscale.data.cache import build_encoders, run_cache_job
 from ldmscale.data.cache_format import decode_record
 from ldmscale.data.loader import build_loader
@@ -168,19 +168,28 @@ def _towers_state(encoder: SDXLTextEncoder) -> tuple[dict, dict]:
             {k: v - 0.01 for k, v in encoder.second.tower.state_dict().items() if k != "attn_mask"})
 
 
-def test_sdxl_towers_load_from_the_sgm_single_file_and_the_diffusers_folder(tiny_sdxl, tmp_path):
-    from safetensors.torch import save_file
+def test_sdxl_towers_and_unet_load_from_the_sgm_single_file_and_the_diffusers_folder(tiny_sdxl, tmp_path):
+    import dataclasses
 
+    from safetensors.torch import load_file, save_file
+
+    from ldmscale.models.interop import save_unet
+
+    cfg = compose(SDXL_TINY)
+    torch.manual_seed(1)
+    unet = build_denoiser(cfg.model, cfg.conditioner).unet
+    save_unet(unet, tmp_path / "unet_ldm.safetensors", format="ldm")
+    save_unet(unet, tmp_path / "pipe" / "unet", format="diffusers")
     first, second = _towers_state(tiny_sdxl)
     # sgm: embedder 0 is transformers' CLIPTextModel (HF names), embedder 1 an open_clip model (its names)
     sgm = {f"conditioner.embedders.0.transformer.{k}": v for k, v in hf_text_state_from_open_clip(first).items()}
     sgm.update({f"conditioner.embedders.1.model.{k}": v for k, v in second.items()})
     sgm["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6)
-    sgm["model.diffusion_model.out.0.weight"] = torch.zeros(4)  # the U-Net lives beside; not read here
+    sgm.update(load_file(str(tmp_path / "unet_ldm.safetensors")))  # model.diffusion_model.*
     save_file({k: v.contiguous() for k, v in sgm.items()}, str(tmp_path / "sd_xl.safetensors"))
     # diffusers: text_encoder/ (CLIPTextModel) and text_encoder_2/ (CLIPTextModelWithProjection), HF names
     for sub, state in (("text_encoder", first), ("text_encoder_2", second)):
-        (tmp_path / "pipe" / sub).mkdir(parents=True)
+        (tmp_path / "pipe" / sub).mkdir()
         hf = hf_text_state_from_open_clip(state)
         hf["text_model.embeddings.position_ids"] = torch.arange(77)[None]
         save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp_path / "pipe" / sub / "model.safetensors"))
@@ -188,15 +197,17 @@ def test_sdxl_towers_load_from_the_sgm_single_file_and_the_diffusers_folder(tiny
     ids = tiny_sdxl.tokenize(["a green triangle at the top"])
     base = tiny_sdxl.encode_ids(ids)
     for weights in (tmp_path / "sd_xl.safetensors", tmp_path / "pipe"):
-        cfg = ConditionerConfig(kind="sdxl", text_model="ldmscale-tiny-clip-l", text_model_2="ldmscale-tiny-bigg",
-                                text_weights=str(weights), size_embed_dim=8)
-        loaded = kind_for(cfg).build_frozen("cpu")
+        cond_cfg = dataclasses.replace(cfg.conditioner, text_weights=str(weights))
+        loaded = kind_for(cond_cfg).build_frozen("cpu")
         for ours, want in ((loaded.first.tower, first), (loaded.second.tower, second)):
             state = ours.state_dict()
             assert all(torch.equal(state[k], v) for k, v in want.items())
         out = loaded.encode_ids(ids)
         assert not torch.allclose(out.tokens, base.tokens)  # other weights, other tokens
         assert loaded.fingerprint() != tiny_sdxl.fingerprint()
+        # the U-Net from the same file / folder (model.weights), vector input included (label_emb)
+        denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=str(weights)), cond_cfg)
+        assert all(torch.equal(v, unet.state_dict()[k]) for k, v in denoiser.unet.state_dict().items())
 
 
 def test_sdxl_micro_conditioning_vector_is_pooled_then_size_crop_target_embeddings():
