@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from PIL import Image
 from ldmscale.conditioning import KINDS, Conditioning, Derived, kind_for, register
 from ldmscale.config import compose
 from ldmscale.data.cache import build_encoders, run_cache_job
-from ldmscale.data.cache_format import decode_record
 from ldmscale.data.loader import build_loader
 from ldmscale.data.synthetic import write_shard
 from ldmscale.models import build_denoiser
@@ -30,6 +28,7 @@ from ldmscale.models.conditioners import (
     size_embedding,
 )
 from ldmscale.models.unet import timestep_embedding
+from tests._data_helpers import cached_records
 from tests.test_training_dist import ROOT, dist_env
 
 CONF = ROOT / "conf" / "conditioner"
@@ -286,18 +285,6 @@ def _write_raw(folder: Path, sizes: list[tuple[int, int]]) -> None:
     write_shard(folder / "raw-000000.tar", samples)
 
 
-def _records(folder: Path) -> list:
-    records = []
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members: dict[str, dict[str, bytes]] = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        records += [decode_record(key, parts) for key, parts in members.items()]
-    return records
-
-
 def _sdxl_cache(tmp_path: Path, text: str, sizes: list[tuple[int, int]]):
     raw = tmp_path / "raw"
     if not raw.exists():
@@ -317,7 +304,7 @@ def test_sdxl_cache_stores_the_crop_it_applied_and_the_loader_hands_it_on(tmp_pa
     cfg, manifest = _sdxl_cache(tmp_path, "embeddings", sizes)
     assert manifest["text"]["mode"] == "embeddings"
     encoders = build_encoders(cfg.autoencoder, cfg.conditioner, "cpu")
-    records = _records(tmp_path / "embeddings")
+    records = cached_records(tmp_path / "embeddings")
     assert len(records) == len(sizes)
     lefts_and_tops = set()
     for record in records:
@@ -354,7 +341,7 @@ def test_sdxl_token_ids_cache_encodes_to_the_same_batch_in_training(tmp_path):
     bytes_e = manifest_e["totals"]["bytes"] / manifest_e["totals"]["written"]
     bytes_t = manifest_t["totals"]["bytes"] / manifest_t["totals"]["written"]
     assert bytes_t < bytes_e
-    records = {r.key: r for r in _records(tmp_path / "tokens")}
+    records = {r.key: r for r in cached_records(tmp_path / "tokens")}
     assert all(r.text_tokens is None and r.meta["text_ids"][0] == 49406 for r in records.values())  # SOT ...
     batch_e = next(iter(build_loader(cfg_e.data, cfg_e.conditioner, cfg_e.autoencoder, seed=0, rank=0, world_size=1)))
     batch_t = next(iter(build_loader(cfg_t.data, cfg_t.conditioner, cfg_t.autoencoder, seed=0, rank=0, world_size=1)))
