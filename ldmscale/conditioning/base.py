@@ -192,7 +192,7 @@ class Conditioning:
     def grid_inputs(self, prompts: Sequence[str]) -> Optional[dict[str, Any]]:
         """`generate` inputs of the trainer's sample grid, one image per prompt slot (None: no grid, as
         the kind needs per-image inputs the config does not hold)."""
-        return {"num_images": len(prompts)}
+        return None if self.sampling_inputs else {"num_images": len(prompts)}
 
     def missing_inputs(self, inputs: dict[str, Any]) -> list[str]:
         return [name for name in self.sampling_inputs if inputs.get(name) is None]

@@ -317,9 +317,6 @@ class LayoutConditioning(Conditioning):
         return {"boxes": inputs["boxes"][ctx.rows].to(ctx.device),
                 "box_classes": inputs["box_classes"][ctx.rows].to(ctx.device)}
 
-    def grid_inputs(self, prompts: Sequence[str]) -> Optional[dict[str, Any]]:
-        return None
-
     def cli_inputs(self, args: Any, height: int, width: int) -> dict[str, Any]:
         if not args.boxes:
             return {}
@@ -352,9 +349,6 @@ class _ConcatConditioning(Conditioning):
     """Inputs derived from the image by the cache job and concatenated onto x_t."""
 
     cond_keys = ("concat",)
-
-    def grid_inputs(self, prompts: Sequence[str]) -> Optional[dict[str, Any]]:
-        return None
 
     def derived_spec(self) -> dict[str, Any]:
         raise NotImplementedError
