@@ -27,10 +27,6 @@ PROMPT_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
 TEXT_MODES = ("embeddings", "tokens")
 
 
-def _weights_file_sha256(path: Optional[str]) -> Optional[str]:
-    from ldmscale.data.cache import weights_file_fingerprint
-
-    return weights_file_fingerprint(path)
 
 
 # ---------------------------------------------------------------------------- text
@@ -63,12 +59,13 @@ class TextConditioning(Conditioning):
         arch = text_tower_arch(self.cfg.text_model)
         return int(arch["text_cfg"]["width"]), int(arch["embed_dim"])
 
-    def weights_files(self) -> list[Optional[str]]:
-        return [self.cfg.text_weights]
+    def weights_sources(self) -> list[tuple[str, Optional[str], str]]:
+        """(config key, path, diffusers pipeline part) of each weights source the tower(s) load."""
+        return [("conditioner.text_weights", self.cfg.text_weights, "text_encoder")]
 
     # -- cache
     def cache_spec(self, frozen: Optional[nn.Module], cache_cfg: Any) -> dict[str, Any]:
-        from ldmscale.data.cache import _jsonable
+        from ldmscale.data.cache import _jsonable, weights_source_fingerprint
         from ldmscale.data.cache_format import dtype_name
 
         mode = getattr(cache_cfg, "text", "embeddings")
@@ -78,7 +75,8 @@ class TextConditioning(Conditioning):
         return {"text": {
             "mode": mode, "config": {k: getattr(self.cfg, k) for k in self.fingerprint_keys},
             "fingerprint": _jsonable(frozen.fingerprint()),
-            "weights_file_sha256": [_weights_file_sha256(p) for p in self.weights_files()],
+            "weights": [{"weights_source": weights_source_fingerprint(path, part)}
+                        for _, path, part in self.weights_sources()],
             "context_length": self.cfg.context_length, "width": int(frozen.width),
             "dtype": dtype_name(cache_cfg.text_dtype) if mode == "embeddings" else "int"}}
 
@@ -89,9 +87,10 @@ class TextConditioning(Conditioning):
         now, cached = {k: getattr(self.cfg, k) for k in self.fingerprint_keys}, text.get("config", {})
         problems = [f"conditioner.{k}: cache {cached.get(k)!r} vs config {now[k]!r}"
                     for k in sorted(now) if now[k] != cached.get(k)]
-        for path, cached in zip(self.weights_files(), text.get("weights_file_sha256") or []):
-            if path and _weights_file_sha256(path) != cached:
-                problems.append(f"conditioner text weights {path!r} differ from the cache's")
+        from ldmscale.data.cache import weights_mismatch
+
+        for (key, path, part), cached_source in zip(self.weights_sources(), text.get("weights") or []):
+            problems += filter(None, [weights_mismatch(key, path, cached_source, part)])
         return problems
 
     def derive(self, pixels: Tensor, keys: Sequence[str], captions: Sequence[str], frozen: Optional[nn.Module],

@@ -10,6 +10,7 @@ the size/crop numbers are never dropped.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -56,8 +57,13 @@ class SDXLConditioning(TextConditioning):
     def widths(self) -> tuple[int, int]:
         return sum(self.tower_widths()), self.pooled_width() + len(MICRO_KEYS) * 2 * self.cfg.size_embed_dim
 
-    def weights_files(self) -> list[Optional[str]]:
-        return [self.cfg.text_weights, self.cfg.text_weights_2]
+    def weights_sources(self) -> list[tuple[str, Optional[str], str]]:
+        """A diffusers pipeline in text_weights holds both towers (text_encoder/, text_encoder_2/)."""
+        first = self.cfg.text_weights
+        second = first if first and os.path.isdir(first) and not self.cfg.text_weights_2 else self.cfg.text_weights_2
+        return [("conditioner.text_weights", first, "text_encoder"),
+                ("conditioner.text_weights_2" if second != first else "conditioner.text_weights", second,
+                 "text_encoder_2")]
 
     # -- collation: text as for `text`, plus the size/crop numbers the cache stored
     def collate(self, records: Sequence[Any], latents: Tensor, to_latents: ToLatents) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ldmscale.conditioning import kind_for, kind_named
-from ldmscale.data.cache import autoencoder_config_fingerprint, latent_layout, weights_file_fingerprint
+from ldmscale.data.cache import autoencoder_config_fingerprint, latent_layout, weights_mismatch
 from ldmscale.data.cache_format import (
     FORMAT_NAME,
     INDEX_SUFFIX,
@@ -147,8 +147,7 @@ def check_manifest(manifest: dict[str, Any], data_cfg: Any, cond_cfg: Any, ae_cf
     if diff:
         problems.append("autoencoder." + ", autoencoder.".join(
             f"{k}: cache {ae_cached['config'].get(k)!r} vs config {ae_now.get(k)!r}" for k in diff))
-    if ae_cfg.weights and weights_file_fingerprint(ae_cfg.weights) != ae_cached.get("weights_file_sha256"):
-        problems.append(f"autoencoder.weights={ae_cfg.weights!r} has another sha256 than the weights the cache was made with")
+    problems += filter(None, [weights_mismatch("autoencoder.weights", ae_cfg.weights, ae_cached)])
     problems += kind_for(cond_cfg).check_cache(manifest)
     want = [list(b) for b in resolve_buckets(data_cfg)]
     if want != manifest["buckets"]:
