@@ -3,6 +3,7 @@ SDXL's conditioning (two text towers, size/crop micro-conditioning, token-id cac
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from PIL import Image
 from ldmscale.conditioning import KINDS, Conditioning, Derived, kind_for, register
 from ldmscale.config import compose
 from ldmscale.data.cache import build_encoders, run_cache_job
-from ldmscale.data.loader import build_loader
+from ldmscale.data.loader import CacheMismatchError, build_loader
 from ldmscale.data.synthetic import write_shard
 from ldmscale.models import build_denoiser
 from ldmscale.models.conditioners import (
@@ -168,8 +169,6 @@ def _towers_state(encoder: SDXLTextEncoder) -> tuple[dict, dict]:
 
 
 def test_sdxl_towers_and_unet_load_from_the_sgm_single_file_and_the_diffusers_folder(tiny_sdxl, tmp_path):
-    import dataclasses
-
     from safetensors.torch import load_file, save_file
 
     from ldmscale.models.interop import save_unet
@@ -352,6 +351,9 @@ def test_sdxl_token_ids_cache_encodes_to_the_same_batch_in_training(tmp_path):
     torch.testing.assert_close(encoded["context_mask"], batch_e["context_mask"])
     torch.testing.assert_close(encoded["context"], batch_e["context"], atol=2e-3, rtol=2e-3)  # cache: fp16
     torch.testing.assert_close(encoded["pooled"], batch_e["pooled"], atol=2e-3, rtol=2e-3)
+    other = dataclasses.replace(cfg_t.conditioner, text_model_2="ldmscale-tiny-text")  # another tower 2
+    with pytest.raises(CacheMismatchError, match="conditioner.text_model_2: cache 'ldmscale-tiny-bigg'"):
+        build_loader(cfg_t.data, other, cfg_t.autoencoder, seed=0, rank=0, world_size=1)
 
 
 # ---------------------------------------------------------------------------- SDXL: tiny end to end
