@@ -103,7 +103,7 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
     from ldmscale.data.loader import build_loader
     from ldmscale.diffusion.objective import DiffusionObjective
     from ldmscale.distributed import engine as eng
-    from ldmscale.ema import PartitionedEMA
+    from ldmscale.ema import SNAPSHOT_DIR, build_ema
     from ldmscale.models import build_denoiser
     from ldmscale.trainer import DiffusionTask, SampleGrid
 
@@ -118,7 +118,8 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
     engine = eng.initialize(denoiser, cfg.deepspeed, cfg.optim, micro_batch_size=cfg.data.micro_batch_size,
                             global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size,
                             max_steps=cfg.trainer.max_steps)
-    ema = PartitionedEMA(engine.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
+    ema = build_ema(engine.module, cfg.ema, snapshot_dir=f"{cfg.checkpoint.dir}/{SNAPSHOT_DIR}",
+                    max_steps=cfg.trainer.max_steps)
     num_classes = cfg.conditioner.num_classes if cfg.conditioner.kind == "class" else None
     task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), ema, cond_kind=cfg.conditioner.kind,
                          ucg_rate=cfg.conditioner.ucg_rate, num_classes=num_classes, seed=cfg.seed,
