@@ -302,6 +302,20 @@ def load_run_weights(run_dir: str | Path, *, ema: bool = True, engine: str = "de
     return state, meta
 
 
+def write_weights_export(state: dict[str, torch.Tensor], out: str | Path, *, weights: str, step: int,
+                         source: str | Path, config: dict[str, Any]) -> Path:
+    """The flat safetensors export that sampling, evaluation and checkpoint.load_weights_only read: a
+    Denoiser state dict, with metadata naming the weights (ema, raw, ...), the step, the run and its config."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"weights": weights, "step": str(step), "source": str(Path(source).resolve()),
+            "config": json.dumps(config, default=str)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=info)
+    return out
+
+
 class RunModels(NamedTuple):
     """What sampling and export need from a stage-2 run, on CPU in eval mode."""
 

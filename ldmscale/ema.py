@@ -421,3 +421,28 @@ def assemble_partitions(states: list[dict[str, Any]], shapes: dict[str, torch.Si
     if flat.numel() != total:
         raise ValueError(f"EMA partitions hold {flat.numel()} values, the parameters {total}")
     return _unflatten(flat, names, [shapes[n] for n in names])
+
+
+def posthoc_export_name(sigma_rel: float) -> str:
+    return f"denoiser_ema_sigma_rel_{sigma_rel:.4f}.safetensors"
+
+
+def export_posthoc(run_dir: str | Path, sigma_rels: list[float], out_dir: str | Path | None = None,
+                   step: int | None = None) -> dict[float, Path]:
+    """Reconstruct each σ_rel from a run's snapshots and write it as the project's flat safetensors export
+    (default RUN_DIR/export/denoiser_ema_sigma_rel_S.safetensors); buffers and frozen parameters, which
+    the EMA does not average, come from the latest checkpoint's raw weights."""
+    from ldmscale.checkpoint import load_run_weights, run_checkpoint_dir, write_weights_export
+
+    step, rebuilt = reconstruct(run_checkpoint_dir(run_dir) / SNAPSHOT_DIR, sigma_rels, step)
+    raw, meta = load_run_weights(run_dir, ema=False)
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
+    written = {}
+    for sigma_rel, weights in rebuilt.items():
+        unknown = sorted(set(weights) - set(raw))
+        if unknown:
+            raise KeyError(f"snapshot parameters {unknown[:5]} are not in {run_dir}'s model")
+        written[sigma_rel] = write_weights_export(
+            {**raw, **weights}, out_dir / posthoc_export_name(sigma_rel), weights=f"posthoc_ema:{sigma_rel}",
+            step=step, source=run_dir, config=meta.get("config", {}))
+    return written

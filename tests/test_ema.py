@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ldmscale.checkpoint import Checkpointer
+from ldmscale.checkpoint import Checkpointer, load_run_weights
 from ldmscale.config import CheckpointConfig, Config, ConfigError, validate
 from ldmscale.ema import (
     SNAPSHOT_DIR,
@@ -20,7 +22,7 @@ from ldmscale.ema import (
     sigma_rel_to_gamma,
     solve_posthoc_coefficients,
 )
-from tests.test_training_dist import losses, run_ok, torchrun_cmd
+from tests.test_training_dist import ROOT, losses, run_ok, torchrun_cmd
 
 
 def test_sigma_rel_to_gamma_matches_edm2():
@@ -219,3 +221,31 @@ def test_resume_with_power_ema_is_bit_identical(straight_runs, tmp_path):
     a, b = torch.load(resumed / "reference.pt"), torch.load(straight / "reference.pt")
     for mine, theirs in zip(a["profiles"], b["profiles"]):
         assert all(torch.equal(mine[k], v) for k, v in theirs.items())
+
+
+@pytest.mark.slow
+def test_posthoc_tool_on_a_real_run_writes_exports_that_sample_reads(tmp_path):
+    """The tiny text-to-image model, 1 rank, ema.kind=power → tools/posthoc_ema.py → python -m ldmscale.sample."""
+    from tests._train_helpers import make_cached_shards
+    from tests.test_training_export import train_cmd
+
+    run = tmp_path / "run"
+    run_ok(train_cmd(run, make_cached_shards(tmp_path), ranks=1, **{
+        "ema.kind": "power", "ema.sigma_rels": "[0.05,0.1]", "ema.snapshot_every_steps": 5}), timeout=400)
+    snapshots = list_snapshots(run / "checkpoints" / SNAPSHOT_DIR)
+    assert sorted({s.step for s in snapshots}) == [5, 10, 12]  # every 5 steps and the last
+    run_ok([sys.executable, str(ROOT / "tools" / "posthoc_ema.py"), str(run), "--sigma-rel", "0.05", "0.08"])
+    exports = {s: run / "export" / f"denoiser_ema_sigma_rel_{s:.4f}.safetensors" for s in (0.05, 0.08)}
+    live, _ = load_run_weights(run, ema=True)  # the first tracked profile, fp32
+    raw, _ = load_run_weights(run, ema=False)
+    rebuilt = load_file(str(exports[0.05]))
+    assert sorted(rebuilt) == sorted(raw)
+    for name, value in live.items():
+        torch.testing.assert_close(rebuilt[name], value, rtol=1e-3, atol=1e-4, msg=name)
+    with safe_open(str(exports[0.08]), framework="pt") as f:
+        assert f.metadata()["weights"] == "posthoc_ema:0.08" and f.metadata()["step"] == "12"
+    out = tmp_path / "samples"
+    run_ok([sys.executable, "-m", "ldmscale.sample", "--checkpoint", str(exports[0.08]), "--config",
+            str(run / "config.json"), "--prompt", "a red circle in the top left", "--steps", "2",
+            "--out", str(out), "--no-progress"])
+    assert (out / "grid.png").is_file()
