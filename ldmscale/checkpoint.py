@@ -6,6 +6,7 @@ Layout under `checkpoint.dir` (default RUN_DIR/checkpoints):
     step_00000100/client_rank0.pt   per-rank state: step, images seen, loader position, RNG, task (EMA) state
     step_00000100/meta.json         written last by rank 0: step, world size, ZeRO stage, resolved config
     latest                          the tag of the newest COMPLETE checkpoint (atomic rename)
+    ema_snapshots/                  ema.kind=power: fp16 EMA snapshots (ema.py); retention leaves them
 """
 
 from __future__ import annotations
