@@ -200,7 +200,7 @@ class PowerEMA(_Partition):
     Time is counted in optimizer steps: the EMA after step t averages θ_1..θ_t with weights ∝ τ^γ, so it
     has no warm-up knob. Every `snapshot_every_steps` (and at `final_step`) all profiles are gathered and
     rank 0 writes each as an fp16 safetensors file under `snapshot_dir` (a sibling of the step_* folders:
-    checkpoint retention never deletes it, and a resumed run rewrites the same bits). The first profile
+    checkpoint retention never deletes it, and a resumed run rewrites the same values). The first profile
     is the "live" EMA: sample grids and `load_run_weights(ema=True)` use it.
     """
 
