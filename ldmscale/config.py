@@ -310,7 +310,7 @@ class EMAConfig:
     # (sample grids, export, eval). Snapshots of all profiles every snapshot_every_steps (and at the last
     # step) go to checkpoint.dir/ema_snapshots as fp16 safetensors; 0 = none (no post-hoc EMA).
     sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
-    snapshot_every_steps: int = 500
+    snapshot_every_steps: int = 1000
     # power only: the σ_rel values the demo (stage=demo) reconstructs after stage 2 and evaluates each of
     posthoc_sigma_rels: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.2])
 
