@@ -224,14 +224,18 @@ def test_resume_with_power_ema_is_bit_identical(straight_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_posthoc_tool_on_a_real_run_writes_exports_that_sample_reads(tmp_path):
-    """The tiny text-to-image model, 1 rank, ema.kind=power → tools/posthoc_ema.py → python -m ldmscale.sample."""
+def test_posthoc_tool_and_demo_eval_on_a_real_run(tmp_path):
+    """The tiny text-to-image model, 1 rank, ema.kind=power → tools/posthoc_ema.py → python -m ldmscale.sample,
+    and the demo's post-hoc evaluation (one score set per σ_rel)."""
+    from ldmscale.checkpoint import read_run_config
+    from ldmscale.pipeline import Pipeline
     from tests._train_helpers import make_cached_shards
     from tests.test_training_export import train_cmd
 
-    run = tmp_path / "run"
+    run = tmp_path / "unet"  # where the demo pipeline keeps its stage-2 run
     run_ok(train_cmd(run, make_cached_shards(tmp_path), ranks=1, **{
-        "ema.kind": "power", "ema.sigma_rels": "[0.05,0.1]", "ema.snapshot_every_steps": 5}), timeout=400)
+        "ema.kind": "power", "ema.sigma_rels": "[0.05,0.1]", "ema.snapshot_every_steps": 5,
+        "ema.posthoc_sigma_rels": "[0.05,0.2]", "pipeline.eval_seeds_per_prompt": 1}), timeout=400)
     snapshots = list_snapshots(run / "checkpoints" / SNAPSHOT_DIR)
     assert sorted({s.step for s in snapshots}) == [5, 10, 12]  # every 5 steps and the last
     run_ok([sys.executable, str(ROOT / "tools" / "posthoc_ema.py"), str(run), "--sigma-rel", "0.05", "0.08"])
@@ -249,3 +253,10 @@ def test_posthoc_tool_on_a_real_run_writes_exports_that_sample_reads(tmp_path):
             str(run / "config.json"), "--prompt", "a red circle in the top left", "--steps", "2",
             "--out", str(out), "--no-progress"])
     assert (out / "grid.png").is_file()
+
+    cfg = read_run_config(run)
+    cfg.run_dir = str(tmp_path)
+    results = Pipeline(cfg, []).evaluate_posthoc_ema(cfg, "cpu")
+    assert sorted(results) == ["0.05", "0.2"]
+    for scores in results.values():
+        assert scores["num_images"] == 72 and 0 <= scores["shape"] <= 1
