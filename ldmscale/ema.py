@@ -49,6 +49,9 @@ class _Partition:
                 start, end = max(lo, offset) - offset, min(hi, offset + p.numel()) - offset
                 self._slices.append((start, max(start, end)))
                 offset += p.numel()
+        self._views_key: tuple[int, ...] = ()  # data pointers the cached views were made from
+        self._views: list[torch.Tensor] = []
+        self._nonempty: list[int] = []  # parameters with values on this rank
 
     def _local_views(self) -> list[torch.Tensor]:
         """This rank's current values of its partition, one (possibly empty) 1-d tensor per parameter."""
@@ -57,7 +60,36 @@ class _Partition:
         return [p.detach().view(-1)[s:e] for p, (s, e) in zip(self._params, self._slices)]
 
     def _fresh_shadow(self) -> list[torch.Tensor]:
-        return [t.detach().float().clone() for t in self._local_views()]
+        shadow = [t.detach().float().clone() for t in self._local_views()]
+        self._nonempty = [i for i, t in enumerate(shadow) if t.numel()]
+        return shadow
+
+    def _live_views(self) -> list[torch.Tensor]:
+        """Views of this rank's non-empty slices. Making 300 views costs as much as the lerp itself, so they
+        are kept, and remade only when a parameter's storage moved (DeepSpeed may reassign it)."""
+        key = tuple((p.ds_tensor if self.zero3 else p).data_ptr() for p in self._params)
+        if key != self._views_key:
+            views = self._local_views()
+            self._views = [views[i] for i in self._nonempty]
+            self._views_key = key
+        return self._views
+
+    @torch.no_grad()
+    def _fold_in(self, targets: list[list[torch.Tensor]], weights: list[torch.Tensor | float]) -> None:
+        """targets[k] ← targets[k] + weights[k]·(live partition − targets[k]); each target holds the
+        non-empty slices only. A tensor weight stays on the device (no host sync)."""
+        views = self._live_views()
+        if not views:
+            return
+        values = [v.float() for v in views] if views[0].dtype != torch.float32 else views
+        for target, weight in zip(targets, weights):
+            if torch.is_tensor(weight):  # one weight per tensor: the single-tensor overload reads it on the host
+                torch._foreach_lerp_(target, values, [weight.to(torch.float32)] * len(target))
+            else:
+                torch._foreach_lerp_(target, values, weight)
+
+    def _active(self, shadow: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [shadow[i] for i in self._nonempty]
 
     def _layout(self) -> dict[str, Any]:
         """What a saved partition must agree on to be loaded back (and to be assembled offline)."""
@@ -104,14 +136,6 @@ class _Partition:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
-        """Load the full EMA weights into a plain (unpartitioned) copy of the module."""
-        full = self.full_state_dict()
-        params = dict(module.named_parameters())
-        for name, value in full.items():
-            params[name].copy_(value.to(params[name].dtype))
-
 
 class PartitionedEMA(_Partition):
     """fp32 EMA of this rank's partition of `module`'s parameters: ema ← decay·ema + (1−decay)·param."""
@@ -124,16 +148,17 @@ class PartitionedEMA(_Partition):
         self.start_step = int(start_step)
         self.num_updates = 0
         self.shadow: list[torch.Tensor] = self._fresh_shadow()
+        self._targets = [self._active(self.shadow)]
 
     def current_decay(self, step: int) -> float:
         """0 before `start_step` (the EMA just copies the weights), `decay` afterwards."""
         return 0.0 if step < self.start_step else self.decay
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = self.current_decay(step)
-        views = [v.float() for v in self._local_views()]
-        _lerp(self.shadow, views, 1.0 - decay)
+    def update(self, step: int, applied: torch.Tensor | float = 1.0) -> None:
+        """`applied`: 1, or a device 0/1 tensor that is 0 when the optimiser step was skipped (then the
+        shadow stays as it is, decided on the device without a host sync)."""
+        self._fold_in(self._targets, [(1.0 - self.current_decay(step)) * applied])
         self.num_updates += 1
 
     # ---- checkpoint state (per rank: it is this rank's partition)
@@ -151,14 +176,6 @@ class PartitionedEMA(_Partition):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """{name: full fp32 tensor} on every rank; gathers the partitions across ranks (collective)."""
         return self._gather(self.shadow)
-
-
-def _lerp(shadow: list[torch.Tensor], values: list[torch.Tensor], weight: float) -> None:
-    """shadow ← shadow + weight·(values − shadow), skipping this rank's empty slices."""
-    pairs = [(s, v) for s, v in zip(shadow, values) if s.numel()]
-    if pairs:
-        targets, sources = zip(*pairs)
-        torch._foreach_lerp_(list(targets), list(sources), weight)
 
 
 def _check_kind(state: dict[str, Any], kind: str) -> None:
@@ -221,18 +238,18 @@ class PowerEMA(_Partition):
         self.final_step = final_step
         self.num_updates = 0
         self.shadows: list[list[torch.Tensor]] = [self._fresh_shadow() for _ in self.sigma_rels]
+        self._targets = [self._active(shadow) for shadow in self.shadows]
 
     @property
     def shadow(self) -> list[torch.Tensor]:
         return self.shadows[0]
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        """After optimizer step `step` (0-based, as the trainer counts): fold in the new weights."""
+    def update(self, step: int, applied: torch.Tensor | float = 1.0) -> None:
+        """After optimizer step `step` (0-based, as the trainer counts): fold in the new weights. `applied`
+        as in PartitionedEMA.update: 0 leaves every profile as it is (a skipped step); t advances anyway."""
         t = step + 1
-        views = [v.float() for v in self._local_views()]
-        for gamma, shadow in zip(self.gammas, self.shadows):
-            _lerp(shadow, views, 1.0 - power_beta(gamma, t))
+        self._fold_in(self._targets, [(1.0 - power_beta(gamma, t)) * applied for gamma in self.gammas])
         self.num_updates += 1
         if self.should_snapshot(t):
             self.snapshot(t)
