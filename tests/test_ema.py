@@ -148,6 +148,23 @@ def test_power_ema_state_round_trips_and_refuses_a_different_setup():
         PartitionedEMA(module, 0.9).load_state_dict(state)
 
 
+def test_a_skipped_step_leaves_every_profile_as_it_is():
+    """The trainer passes applied=0 (a device tensor) for a skipped step; 1 must equal the plain update."""
+    module = nn.Linear(4, 4)
+    ema, twin = PowerEMA(module, [0.05, 0.10]), PowerEMA(module, [0.05, 0.10])
+    walk = _walk(module, 4)
+    for step in range(3):
+        next(walk)
+        ema.update(step, applied=torch.tensor(1.0))
+        twin.update(step)
+    before = [[s.clone() for s in shadow] for shadow in ema.shadows]
+    next(walk)
+    ema.update(3, applied=torch.tensor(0.0))
+    assert all(torch.equal(a, b) for old, new in zip(before, ema.shadows) for a, b in zip(old, new))
+    for mine, theirs in zip(ema.shadows[:1], twin.shadows[:1]):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))  # identical up to the skipped step
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("kind", "karras", "ema.kind='karras'"),
     ("sigma_rels", [0.05, 0.4], "ema.sigma_rels holds 0.4"),
