@@ -190,6 +190,9 @@ class DataConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     shuffle_buffer: int = 1000  # online path only: samples shuffled in a streaming buffer
+    # cached path: samples are shuffled within windows of this many shards (after a shard permutation);
+    # bigger = closer to a global shuffle, but more index memory and open files per worker (README)
+    shuffle_window: int = 64
     samples_per_epoch: int = 0  # online path: samples per epoch over all ranks (0: one pass, 1 rank only)
     min_size: int = 0  # smaller images are skipped as "too_small"
     max_aspect_ratio: float = 0.0  # 0: no limit; wider/taller images are skipped as "extreme_aspect"
@@ -320,6 +323,8 @@ class CacheConfig:
     latent_dtype: str = "bf16"  # bf16 | fp16 | fp32: how KL moments / VQ latents are stored
     text_dtype: str = "fp16"  # fp16 | bf16 | fp32
     max_failure_rate: float = 0.05  # skipped/read above this → the job exits non-zero
+    # a stream (pipe:, URL) that delivers no byte for this long is killed; its shard stays incomplete
+    read_timeout_s: float = 600.0
     progress: bool = True
 
 
@@ -414,6 +419,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
     for key in ("launcher.nodes", "launcher.cpus_per_task", "launcher.timeout_min",
                 "launcher.array_parallelism", "launcher.shards_per_task"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("data.shuffle_window", "cache.read_timeout_s"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
     for key in ("launcher.gpus_per_node", "launcher.tasks_per_node", "launcher.mem_gb",

@@ -21,7 +21,6 @@ import torch  # noqa: E402
 
 from ldmscale.config import AutoencoderConfig, ConditionerConfig, DataConfig  # noqa: E402
 from ldmscale.data.cache_format import (  # noqa: E402,E501
-    INDEX_SUFFIX,
     MANIFEST,
     CachedRecord,
     RecordWriter,
@@ -60,12 +59,11 @@ def write_fake_cache(folder: Path, num_samples: int, shard_size: int, ae_cfg, co
                         "bucket": [256, 256], "flipped": False, "source": f"s3://laion/{shard:05d}.tar:{i:09d}"}
                 writer.write(CachedRecord(f"{i:09d}", torch.randn(8, 32, 32), torch.randn(int(lengths[i]), 1024),
                                           torch.randn(1024), int(lengths[i]), meta), 0, "bf16", "fp16")
-            index = writer.close()
-        np.save(folder / f"{name}{INDEX_SUFFIX}", index)
+            index, span = writer.close()
         size = (folder / name).stat().st_size
         total += size
         results.append(ShardResult(name, name, True, len(index), len(index), bucket_counts=[len(index)], spec=spec,
-                                   bytes=size))
+                                   bytes=size, index_span=span))
     (folder / MANIFEST).write_text(json.dumps(build_manifest(results)))
     return total
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from ldmscale.data.cache_format import (
-    INDEX_SUFFIX,
     MANIFEST,
     RESULTS_DIR,
     CachedRecord,
@@ -44,6 +43,10 @@ from ldmscale.data.transforms import Bucket, nearest_bucket, resize_crop, resolv
 
 class CacheJobError(RuntimeError):
     """The cache job cannot finish correctly (too many failures, inconsistent spec, ...)."""
+
+
+# Skip reasons that make a whole shard incomplete (retried on re-run) rather than dropping samples.
+SHARD_FAILURES = ("unreadable_shard", "stream_failed")
 
 
 # ---------------------------------------------------------------------------- encoders & fingerprints
@@ -142,6 +145,7 @@ class CacheSpec:
     seed: int
     fingerprint: dict[str, Any]
     concat: Optional[dict[str, Any]] = None  # SR / inpainting inputs derived from the image (conditioning.py)
+    read_timeout_s: float = 0.0  # a stream silent this long is killed (not in the fingerprint: no effect on output)
 
     @classmethod
     def build(cls, data_cfg: Any, cond_cfg: Any, ae_cfg: Any, cache_cfg: Any, encoders: Encoders,
@@ -182,7 +186,7 @@ class CacheSpec:
         return cls(buckets, SampleFilter.from_config(data_cfg, require_caption=text is not None),
                    data_cfg.random_crop, data_cfg.random_flip, cache_cfg.batch_size,
                    cache_cfg.latent_dtype, cache_cfg.text_dtype, cond_cfg.context_length, seed, fingerprint,
-                   fingerprint["concat"])
+                   fingerprint["concat"], cache_cfg.read_timeout_s)
 
 
 def _jsonable(value: Any) -> Any:
@@ -239,7 +243,7 @@ def load_result(output_dir: str | Path, name: str) -> Optional[ShardResult]:
 def is_complete(output_dir: str | Path, name: str) -> bool:
     result = load_result(output_dir, name)
     out = Path(output_dir)
-    return bool(result and result.complete and (out / name).is_file() and (out / f"{name}{INDEX_SUFFIX}").is_file())
+    return bool(result and result.complete and (out / name).is_file())
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -252,12 +256,11 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
 
 
 def _remove_stale_tmp(output_dir: Path, name: str) -> None:
-    for pattern in (f".{name}.tmp-*", f".{name}{INDEX_SUFFIX}.tmp-*"):
-        for stale in glob.glob(str(output_dir / pattern)):
-            try:
-                os.unlink(stale)
-            except FileNotFoundError:
-                pass
+    for stale in glob.glob(str(output_dir / f".{name}.tmp-*")):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
 
 
 def cache_shard(input_url: str, output_dir: str | Path, encoders: Encoders, spec: CacheSpec,
@@ -317,7 +320,8 @@ def cache_shard(input_url: str, output_dir: str | Path, encoders: Encoders, spec
             if progress is not None:
                 progress(len(items))
 
-        for ordinal, sample in enumerate(iter_decoded([input_url], spec.rules, skips, on_read=count_read)):
+        for ordinal, sample in enumerate(iter_decoded([input_url], spec.rules, skips, on_read=count_read,
+                                                      read_timeout_s=spec.read_timeout_s)):
             bucket = nearest_bucket(sample.image.height, sample.image.width, spec.buckets)
             # Random crops/flips are seeded per sample so a re-run writes byte-identical shards.
             rng = np.random.default_rng([spec.seed, shard_seed, ordinal])
@@ -334,22 +338,25 @@ def cache_shard(input_url: str, output_dir: str | Path, encoders: Encoders, spec
                 flush(bucket)
         for bucket in sorted(pending):
             flush(bucket)
-        index = writer.close()
+        index, index_span = writer.close()
         fileobj.flush()
         os.fsync(fileobj.fileno())
-    unreadable = skips.counts.get("unreadable_shard", 0) > 0
-    written = int(index.shape[0])
-    result = ShardResult(
-        name=name, input_url=input_url, complete=not unreadable, read=0, written=written,
-        skipped=skips.as_dict(), skip_examples=skips.examples, bucket_counts=bucket_counts,
-        latent_stats=stats, spec=spec.fingerprint, seconds=time.perf_counter() - start,
-        bytes=tmp_tar.stat().st_size if not unreadable else 0,
-    )
-    result.read = written + skips.total
-    if unreadable:  # retried on the next run; its failure still counts in this run's manifest
+    # A shard that could not be read to its end (unreadable, failed or stalled stream) is never complete:
+    # its output is dropped, its failure is counted once, and a re-run retries it.
+    failed = next((r for r in SHARD_FAILURES if skips.counts.get(r)), None)
+    if failed is not None:
         tmp_tar.unlink()
+        result = ShardResult(name=name, input_url=input_url, complete=False, read=1, skipped={failed: 1},
+                             skip_examples={failed: skips.examples[failed]}, bucket_counts=[0] * len(spec.buckets),
+                             spec=spec.fingerprint, seconds=time.perf_counter() - start)
     else:
-        _atomic_write(output_dir / f"{name}{INDEX_SUFFIX}", lambda f: np.save(f, index))
+        written = int(index.shape[0])
+        result = ShardResult(
+            name=name, input_url=input_url, complete=True, read=written + skips.total, written=written,
+            skipped=skips.as_dict(), skip_examples=skips.examples, bucket_counts=bucket_counts,
+            latent_stats=stats, spec=spec.fingerprint, seconds=time.perf_counter() - start,
+            bytes=tmp_tar.stat().st_size, index_span=index_span,
+        )
         os.replace(tmp_tar, output_dir / name)
     _atomic_write(result_path(output_dir, name), lambda f: f.write(json.dumps(result.to_json(), indent=1)), "w")
     return result
