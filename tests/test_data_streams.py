@@ -8,7 +8,7 @@ import time
 import pytest
 from _data_helpers import config, encoders
 
-from ldmscale.data.cache import run_cache_job
+from ldmscale.data.cache import SHARD_FAILURES, run_cache_job
 from ldmscale.data.shards import SkipCounter, iter_tar_samples
 from ldmscale.data.synthetic import write_shards
 
@@ -33,22 +33,26 @@ FAILS = "pipe:test -f {ok} && cat {tar} || (head -c 20000 {tar}; exit 56)"
 STALLS = "pipe:test -f {ok} && cat {tar} || (head -c 20000 {tar}; sleep 60)"
 
 
-@pytest.mark.parametrize("command,reason", [(FAILS, "stream_failed"), (STALLS, "stream_failed")],
-                         ids=["exit-56", "stall"])
-def test_failed_or_stalled_pipe_is_incomplete_then_retried(tmp_path, raw, command, reason):
+@pytest.mark.parametrize("command", [FAILS, STALLS], ids=["exit-56", "stall"])
+def test_failed_or_stalled_pipe_is_incomplete_then_retried(tmp_path, raw, command):
     ok = tmp_path / "ok"
     url = command.format(ok=ok, tar=raw / "shapes-000001.tar")
     skips = SkipCounter()
     start = time.monotonic()
     partial = list(iter_tar_samples(url, skips, read_timeout_s=1.0))
-    assert 0 < len(partial) < 8 and skips.as_dict() == {reason: 1}
+    # webdataset's Pipe raises at the first read after the command exited: when `exit 56` comes before
+    # the first sample, the shard counts as unreadable, else as a failed stream; both are incomplete.
+    (reason, count), = skips.as_dict().items()
+    assert len(partial) < 8 and reason in SHARD_FAILURES and count == 1
+    assert partial or command == FAILS
     assert time.monotonic() - start < 20  # a stall is cut at the read timeout, not after `sleep 60`
 
     manifest, seconds = _job(tmp_path, f"{raw}/shapes-000000.tar :: {url}")
     shards = {s["name"]: s for s in manifest["shards"]}
     assert shards["shapes-000000.tar"]["complete"] and shards["shapes-000000.tar"]["written"] == 8
     failed = shards["shapes-000001.tar"]
-    assert not failed["complete"] and failed["written"] == 0 and failed["skipped"] == {reason: 1}
+    assert not failed["complete"] and failed["written"] == 0
+    assert len(failed["skipped"]) == 1 and set(failed["skipped"]) <= set(SHARD_FAILURES)
     assert not (tmp_path / "cache" / "shapes-000001.tar").exists()  # nothing half-written is kept
     assert seconds < 60
 
