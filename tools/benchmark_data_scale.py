@@ -97,10 +97,12 @@ def fabricate(folder: Path, num_shards: int, results_only: bool = False) -> None
         extra = {"index_span": span} if new_format else {}
         results.append(cf.ShardResult(name, f"pipe:aws s3 cp s3://laion/{name} -", True, len(index), len(index),
                                       bucket_counts=list(PER_BUCKET), spec=spec, seconds=100.0, bytes=size, **extra))
-    if results_only:
+    if results_only:  # what the array tasks leave behind
+        from ldmscale.data.cache import write_result
+
         (folder / cf.RESULTS_DIR).mkdir(exist_ok=True)
         for r in results:
-            (folder / cf.RESULTS_DIR / f"{r.name}.json").write_text(json.dumps(r.to_json(), indent=1))
+            write_result(folder, r, durable=False)
         base.unlink()
     else:
         (folder / cf.MANIFEST).write_text(json.dumps(cf.build_manifest(results)))
@@ -192,7 +194,7 @@ def bench_assembly(folder: Path) -> tuple[float, float, int]:
     from ldmscale.data.cache_format import RESULTS_DIR
     from ldmscale.launch.cache_array import assemble
 
-    names = sorted(p.name[: -len(".json")] for p in (folder / RESULTS_DIR).iterdir())
+    names = sorted(p.name[: -len(".json")] for p in (folder / RESULTS_DIR).glob("*.json"))
     for name in names:  # the final job checks that each output shard exists: give it empty ones
         (folder / name).touch()
     start = time.perf_counter()

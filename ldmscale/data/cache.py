@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,11 +234,42 @@ def result_path(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / RESULTS_DIR / f"{name}.json"
 
 
+# A result file names its spec by hash; the spec itself (encoders, buckets, ...: most of a result's bytes)
+# is stored once in _results/_specs/, so assembling 200k results parses 200k small files, not 200k specs.
+SPECS_DIR = "_specs"
+
+
+def _spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def write_result(output_dir: str | Path, result: ShardResult, durable: bool = True) -> None:
+    """_results/{name}.json (atomically), with its spec stored once under _results/_specs/.
+    `durable=False` skips the fsync (benchmarks fabricating 200k results)."""
+    data = result.to_json()
+    spec = data.pop("spec")
+    if spec:
+        data["spec_sha256"] = digest = _spec_hash(spec)
+        spec_file = Path(output_dir) / RESULTS_DIR / SPECS_DIR / f"{digest}.json"
+        if not spec_file.is_file():
+            spec_file.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(spec_file, lambda f: f.write(json.dumps(spec, indent=1)), "w", durable)
+    _atomic_write(result_path(output_dir, result.name), lambda f: f.write(json.dumps(data, indent=1)), "w", durable)
+
+
+def _parse_result(output_dir: str | Path, text: str, specs: dict[str, dict[str, Any]]) -> ShardResult:
+    data = json.loads(text)
+    digest = data.pop("spec_sha256", None)
+    if digest is not None:
+        if digest not in specs:
+            specs[digest] = json.loads((Path(output_dir) / RESULTS_DIR / SPECS_DIR / f"{digest}.json").read_text())
+        data["spec"] = specs[digest]
+    return ShardResult.from_json(data)
+
+
 def load_result(output_dir: str | Path, name: str) -> Optional[ShardResult]:
-    path = result_path(output_dir, name)
-    if not path.is_file():
-        return None
-    return ShardResult.from_json(json.loads(path.read_text()))
+    results, _ = load_results(output_dir, [name])
+    return results[0] if results else None
 
 
 def is_complete(output_dir: str | Path, name: str) -> bool:
@@ -246,12 +278,13 @@ def is_complete(output_dir: str | Path, name: str) -> bool:
     return bool(result and result.complete and (out / name).is_file())
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, mode) as f:
         write(f)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -358,25 +391,44 @@ def cache_shard(input_url: str, output_dir: str | Path, encoders: Encoders, spec
             bytes=tmp_tar.stat().st_size, index_span=index_span,
         )
         os.replace(tmp_tar, output_dir / name)
-    _atomic_write(result_path(output_dir, name), lambda f: f.write(json.dumps(result.to_json(), indent=1)), "w")
+    write_result(output_dir, result)
     return result
 
 
 # ---------------------------------------------------------------------------- manifest
+def load_results(output_dir: str | Path, names: Sequence[str]) -> tuple[list[ShardResult], list[str]]:
+    """The stored results of `names` (one read each), and the names that have none yet."""
+    results, missing = [], []
+    specs: dict[str, dict[str, Any]] = {}
+    folder = os.path.join(output_dir, RESULTS_DIR)
+    for name in names:
+        try:
+            with open(os.path.join(folder, f"{name}.json")) as f:
+                text = f.read()
+        except FileNotFoundError:
+            missing.append(name)
+            continue
+        results.append(_parse_result(output_dir, text, specs))
+    return results, missing
+
+
+def write_manifest(output_dir: str | Path, results: list[ShardResult]) -> dict[str, Any]:
+    """manifest.json from shard results, written atomically (compact: at 200k shards it is tens of MB)."""
+    manifest = build_manifest(results)
+    _atomic_write(Path(output_dir) / MANIFEST, lambda f: f.write(json.dumps(manifest, separators=(",", ":"))), "w")
+    return manifest
+
+
 def assemble_manifest(output_dir: str | Path, names: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Merge `_results/*.json` (or only `names`) into manifest.json, written atomically; returns it."""
     output_dir = Path(output_dir)
     if names is None:
-        paths = sorted((output_dir / RESULTS_DIR).glob("*.json"))
-    else:
-        paths = [result_path(output_dir, n) for n in names]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise CacheJobError(f"shards without a result file (not cached yet): {missing[:5]}")
-    results = [ShardResult.from_json(json.loads(p.read_text())) for p in paths]
-    manifest = build_manifest(results)
-    _atomic_write(output_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1)), "w")
-    return manifest
+        names = sorted(p.name[: -len(".json")] for p in (output_dir / RESULTS_DIR).glob("*.json"))
+    results, missing = load_results(output_dir, names)
+    if missing:
+        raise CacheJobError("shards without a result file (not cached yet): "
+                            f"{[str(result_path(output_dir, n)) for n in missing[:5]]}")
+    return write_manifest(output_dir, results)
 
 
 def check_failure_rate(manifest: dict[str, Any], max_failure_rate: float) -> None:
@@ -426,7 +478,7 @@ def run_cache_job(data_cfg: Any, cond_cfg: Any, ae_cfg: Any, cache_cfg: Any, *, 
         raise CacheJobError("cache.output is empty: give the folder for the cached shards")
     urls = expand_urls(cache_cfg.input)
     names = [shard_name(u) for u in urls]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
     if dupes:
         raise CacheJobError(f"input shards share output names {dupes[:5]}: one output shard per input name")
     output_dir = Path(cache_cfg.output)
@@ -524,5 +576,6 @@ def expected_scale(manifest: dict[str, Any]) -> tuple[float, float]:
 
 __all__ = [
     "CacheJobError", "CacheSpec", "Encoders", "assemble_manifest", "build_encoders", "cache_shard",
-    "check_failure_rate", "is_complete", "latent_layout", "run_cache_job", "weights_hash",
+    "check_failure_rate", "is_complete", "latent_layout", "load_results", "run_cache_job", "weights_hash",
+    "write_manifest",
 ]

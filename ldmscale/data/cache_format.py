@@ -29,7 +29,7 @@ import io
 import json
 import math
 import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 import numpy as np
@@ -273,6 +273,10 @@ class ShardResult:
         return cls(**data)
 
 
+# A shard's manifest entry: its result without the spec (once at the top) and its latent sums (merged).
+_MANIFEST_SHARD_KEYS = tuple(f.name for f in fields(ShardResult) if f.name not in ("spec", "latent_stats"))
+
+
 def build_manifest(results: list[ShardResult]) -> dict[str, Any]:
     """Merge per-shard results into the manifest; every shard must come from the same spec."""
     if not results:
@@ -301,9 +305,7 @@ def build_manifest(results: list[ShardResult]) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "shards": [
-            {k: v for k, v in r.to_json().items() if k not in ("spec", "latent_stats")} for r in results
-        ],
+        "shards": [{k: getattr(r, k) for k in _MANIFEST_SHARD_KEYS} for r in results],
         "totals": {"read": sum(r.read for r in results), "written": sum(r.written for r in results),
                    "skipped": dict(sorted(skipped.items())), "bucket_counts": bucket_counts,
                    "bytes": sum(r.bytes for r in results)},

@@ -35,16 +35,20 @@ def cache_shards(cfg: Config, urls: list[str]) -> list[dict[str, Any]]:
 
 
 def assemble(cfg: Config, names: list[str]) -> dict[str, Any]:
-    """The dependent job: write manifest.json from every shard's result, then check the failure rate."""
-    from ldmscale.data.cache import CacheJobError, assemble_manifest, check_failure_rate, is_complete
+    """The dependent job: write manifest.json from every shard's result, then check the failure rate.
 
-    missing = [n for n in names if not is_complete(cfg.cache.output, n)]
+    Each result is read once (200k shards: seconds); a shard is missing without a complete result or file."""
+    from ldmscale.data.cache import CacheJobError, check_failure_rate, load_results, write_manifest
+
+    output = Path(cfg.cache.output)
+    results, missing = load_results(output, names)
+    missing += [r.name for r in results if not (r.complete and (output / r.name).is_file())]
     if missing:
         raise CacheJobError(
-            f"{len(missing)} of {len(names)} shards are not complete (e.g. {missing[:5]}); their array tasks "
+            f"{len(missing)} of {len(names)} shards are not complete (e.g. {sorted(missing)[:5]}); their array tasks "
             f"failed (logs in {cfg.launcher.folder}). Re-submit the same command: it redoes only these shards."
         )
-    manifest = assemble_manifest(cfg.cache.output, names)
+    manifest = write_manifest(output, results)
     check_failure_rate(manifest, cfg.cache.max_failure_rate)
     return manifest
 
