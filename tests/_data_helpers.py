@@ -57,3 +57,15 @@ def good(key: str, width: int = 32, height: int = 32, caption: str = "a red squa
     if meta:
         sample["json"] = json.dumps(meta).encode()
     return sample
+
+
+def cached_synthetic(root: Path, num_samples: int, shard_size: int) -> Path:
+    """`num_samples` synthetic samples in shards of `shard_size`, cached by the real job into root/cache."""
+    from ldmscale.data.cache import run_cache_job
+    from ldmscale.data.synthetic import write_shards
+
+    write_shards(root / "raw", num_samples, resolution=32, shard_size=shard_size, progress=False)
+    cfg = config()
+    cfg.cache.input, cfg.cache.output = str(root / "raw"), str(root / "cache")
+    run_cache_job(cfg.data, cfg.conditioner, cfg.autoencoder, cfg.cache, encoders=encoders())
+    return root / "cache"

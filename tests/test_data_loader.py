@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from _data_helpers import config, encoders, good, write_tar
+from _data_helpers import cached_synthetic, config, encoders, good, write_tar
 
 from ldmscale.data.cache import run_cache_job
 from ldmscale.data.loader import CacheMismatchError, build_loader, epoch_plan, plan_batches
@@ -17,12 +17,7 @@ from ldmscale.data.synthetic import write_shards
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """44 synthetic samples in uneven shards (10, 10, 10, 10, 4), cached once for the module."""
-    root = tmp_path_factory.mktemp("loader")
-    write_shards(root / "raw", 44, resolution=32, shard_size=10, progress=False)
-    cfg = config()
-    cfg.cache.input, cfg.cache.output = str(root / "raw"), str(root / "cache")
-    run_cache_job(cfg.data, cfg.conditioner, cfg.autoencoder, cfg.cache, encoders=encoders())
-    return root / "cache"
+    return cached_synthetic(tmp_path_factory.mktemp("loader"), 44, 10)
 
 
 def _cfg(cache, **data):

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from _data_helpers import config, encoders
+from _data_helpers import cached_synthetic, config
 
-from ldmscale.data.cache import run_cache_job
 from ldmscale.data.cache_format import decode_sample
 from ldmscale.data.loader import (
     CacheMismatchError,
@@ -21,7 +20,6 @@ from ldmscale.data.loader import (
     epoch_plan,
     plan_batches,
 )
-from ldmscale.data.synthetic import write_shards
 
 _OPENED: list[str] = []
 _WATCH: list[str] = []  # path prefixes whose opens are recorded
@@ -38,12 +36,7 @@ sys.addaudithook(_record_opens)  # audit hooks cannot be removed; it records onl
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """48 synthetic samples in 12 shards of 4, cached once for the module."""
-    root = tmp_path_factory.mktemp("scale")
-    write_shards(root / "raw", 48, resolution=32, shard_size=4, progress=False)
-    cfg = config()
-    cfg.cache.input, cfg.cache.output = str(root / "raw"), str(root / "cache")
-    run_cache_job(cfg.data, cfg.conditioner, cfg.autoencoder, cfg.cache, encoders=encoders())
-    return root / "cache"
+    return cached_synthetic(tmp_path_factory.mktemp("scale"), 48, 4)
 
 
 def _loader(cache, window, mbs=2, rank=0, world_size=1, seed=0):

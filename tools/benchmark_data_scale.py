@@ -98,11 +98,14 @@ def fabricate(folder: Path, num_shards: int, results_only: bool = False) -> None
         results.append(cf.ShardResult(name, f"pipe:aws s3 cp s3://laion/{name} -", True, len(index), len(index),
                                       bucket_counts=list(PER_BUCKET), spec=spec, seconds=100.0, bytes=size, **extra))
     if results_only:  # what the array tasks leave behind
-        from ldmscale.data.cache import write_result
+        from ldmscale.data import cache
 
         (folder / cf.RESULTS_DIR).mkdir(exist_ok=True)
         for r in results:
-            write_result(folder, r, durable=False)
+            if hasattr(cache, "write_result"):
+                cache.write_result(folder, r, durable=False)
+            else:  # the baseline's result files: the whole result, spec included
+                cache.result_path(folder, r.name).write_text(json.dumps(r.to_json(), indent=1))
         base.unlink()
     else:
         (folder / cf.MANIFEST).write_text(json.dumps(cf.build_manifest(results)))
@@ -207,6 +210,29 @@ def bench_assembly(folder: Path) -> tuple[float, float, int]:
     return local, array, (folder / "manifest.json").stat().st_size
 
 
+def _assembly_with(pythonpath: Path, folder: Path, num_shards: int) -> tuple[float, float, int]:
+    """Fabricate `num_shards` results and time their assembly, with the ldmscale at `pythonpath`."""
+    _fabricate_with(pythonpath, folder, num_shards, results_only=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--assemble", str(folder)]
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(pythonpath)), capture_output=True, text=True,
+                          timeout=7200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"assembly failed ({pythonpath}):\n{proc.stderr[-3000:]}")
+    shutil.rmtree(folder)
+    return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))  # type: ignore[return-value]
+
+
+def _baseline_source(work: Path, ref: str) -> Path:
+    """The baseline's ldmscale package (git archive of `ref`), importable from the returned folder."""
+    base_src = work / "baseline-src"
+    if not base_src.exists():
+        base_src.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "ldmscale"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base_src)], input=archive, check=True)
+    return base_src
+
+
 def _report(name: str, figures: dict, shards: int, window: int) -> str:
     peaks = figures["worker_peak_mb"]
     return (f"{name}: {shards:,} shards, {figures['samples']:,} samples, {figures['batches_per_rank']:,} batches/rank\n"
@@ -226,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-shards", type=int, default=1000, help="0: skip the baseline")
     parser.add_argument("--baseline-ref", default="d82cbe8", help="git commit of the loader to compare with")
     parser.add_argument("--assembly-shards", type=int, default=None, help="default: --shards; 0: skip")
+    parser.add_argument("--baseline-assembly-shards", type=int, default=20_000, help="0: skip")
     parser.add_argument("--world-size", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--workers", type=int, default=8)
@@ -234,9 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--fabricate", help=argparse.SUPPRESS)
     parser.add_argument("--results-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--assemble", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
         print(json.dumps(probe(args.probe, args.rank, args.world_size, args.workers, args.window)))
+        return
+    if args.assemble:
+        print(json.dumps(bench_assembly(Path(args.assemble))))
         return
     if args.fabricate:
         fabricate(Path(args.fabricate), args.shards, args.results_only)
@@ -245,22 +276,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         assembly_shards = args.shards if args.assembly_shards is None else args.assembly_shards
         if assembly_shards:
-            made = _fabricate_with(ROOT, work / "assembly", assembly_shards, results_only=True)
-            local, array, size = bench_assembly(work / "assembly")
-            print(f"(d) manifest assembly from {assembly_shards:,} shard results (fabricated in {made:.0f} s): "
-                  f"local {local:.1f} s, SLURM final job {array:.1f} s; manifest.json {size / 1e6:.0f} MB", flush=True)
-            shutil.rmtree(work / "assembly")
+            local, array, size = _assembly_with(ROOT, work / "assembly", assembly_shards)
+            print(f"(d) manifest assembly from {assembly_shards:,} shard results: local {local:.1f} s, SLURM final "
+                  f"job {array:.1f} s; manifest.json {size / 1e6:.0f} MB", flush=True)
+            if args.baseline_assembly_shards:
+                n = args.baseline_assembly_shards
+                old_local, old_array, _ = _assembly_with(_baseline_source(work, args.baseline_ref), work / "old-asm", n)
+                print(f"    baseline ({args.baseline_ref}) at {n:,} results: local {old_local:.1f} s, SLURM final job "
+                      f"{old_array:.1f} s; per result this/baseline: local "
+                      f"{local / assembly_shards / (old_local / n):.2f}x, final job "
+                      f"{array / assembly_shards / (old_array / n):.2f}x", flush=True)
         made = _fabricate_with(ROOT, work / "new", args.shards)
         new = _run_probe(ROOT, work / "new", args)
         print(f"[fabricated {args.shards:,} hard-linked shards in {made:.0f} s]")
         print(_report("this loader", new, args.shards, args.window), flush=True)
         shutil.rmtree(work / "new")
         if args.baseline_shards:
-            base_src = work / "baseline-src"
-            base_src.mkdir()
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline_ref, "ldmscale"],
-                                     capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(base_src)], input=archive, check=True)
+            base_src = _baseline_source(work, args.baseline_ref)
             _fabricate_with(base_src, work / "old", args.baseline_shards)
             old = _run_probe(base_src, work / "old", args)
             print(_report(f"baseline loader ({args.baseline_ref})", old, args.baseline_shards, args.window))

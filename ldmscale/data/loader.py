@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -104,9 +104,28 @@ def _find_manifest(entry: str) -> Path:
     return manifest
 
 
+class ShardEntry(NamedTuple):
+    """What the loader keeps of a manifest's shard entry."""
+
+    name: str
+    complete: bool
+    written: int
+    bucket_counts: list[int]
+    index_span: list[int]
+
+
+def _compact(entry: dict[str, Any]) -> Any:
+    # json calls this for every object, innermost first: each shard entry shrinks to a ShardEntry as soon as
+    # it is parsed (200k entries with their skip reports would otherwise hold ~1 KB each at once).
+    if "bucket_counts" in entry and "complete" in entry and "name" in entry:
+        return ShardEntry(entry["name"], entry["complete"], entry["written"], entry["bucket_counts"],
+                          entry.get("index_span", []))
+    return entry
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
-    """A cache manifest, refused with its path when it is not this format version."""
-    manifest = json.loads(path.read_text())
+    """A cache manifest ("shards" as ShardEntry tuples), refused with its path when not this format version."""
+    manifest = json.loads(path.read_text(), object_hook=_compact)
     if manifest.get("format") != FORMAT_NAME:
         raise CacheMismatchError(f"{path} is not an {FORMAT_NAME} manifest")
     if manifest.get("version") != FORMAT_VERSION:
@@ -137,7 +156,7 @@ def build_table(train_shards: Sequence[str]) -> ShardTable:
             buckets = src_buckets  # type: ignore[assignment]
         elif src_buckets != buckets:
             raise CacheMismatchError(f"{manifest_path} has buckets {src_buckets}, another source {buckets}")
-        complete = {s["name"]: s for s in shards if s["complete"]}
+        complete = {s.name: s for s in shards if s.complete}
         del shards
         folder = manifest_path.parent
         if os.path.isdir(entry):
@@ -149,14 +168,14 @@ def build_table(train_shards: Sequence[str]) -> ShardTable:
                 raise FileNotFoundError(f"shards {missing[:5]} of {entry!r} are not complete in {manifest_path}")
         for name in names:
             shard = complete[name]
-            if shard["written"] == 0:
+            if shard.written == 0:
                 continue
-            if sum(shard["bucket_counts"]) != shard["written"] or len(shard["index_span"]) != 2:
-                raise CacheMismatchError(f"{manifest_path}: shard {name} has bucket counts {shard['bucket_counts']} "
-                                         f"for {shard['written']} samples or no index span")
+            if sum(shard.bucket_counts) != shard.written or len(shard.index_span) != 2:
+                raise CacheMismatchError(f"{manifest_path}: shard {name} has bucket counts {shard.bucket_counts} "
+                                         f"for {shard.written} samples or no index span")
             paths.append(str(folder / name))
-            counts.append(shard["bucket_counts"])
-            spans.append(shard["index_span"])
+            counts.append(shard.bucket_counts)
+            spans.append(shard.index_span)
             sources.append(source)
     if not paths:
         raise ValueError(f"no cached samples in data.train_shards={list(train_shards)}")
