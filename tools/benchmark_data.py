@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--job-samples", type=int, default=64, help="raw samples for (b)")
     parser.add_argument("--job-resolution", type=int, default=128)
-    parser.add_argument("--pool-shards", type=int, default=4, help="(d): shards of 64 samples; 0 skips (d)")
+    parser.add_argument("--pool-shards", type=int, default=8, help="(d): shards of 64 samples; 0 skips (d)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ae_cfg = AutoencoderConfig(ch=128, ch_mult=[1, 2, 4, 4], embed_dim=4, z_channels=4)  # SD-VAE layout: f8, 4 ch

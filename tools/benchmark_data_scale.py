@@ -91,9 +91,15 @@ def fabricate(folder: Path, num_shards: int, results_only: bool = False) -> None
     for s in range(num_shards):
         name = f"laion-{s:06d}.tar"
         if not results_only:
-            os.link(base, folder / name)
+            # ext4 allows 65,000 links per file: a fresh copy of the base shard every 60,000 shards
+            copy = s // 60_000
+            if s % 60_000 == 0 and copy:
+                for src in ([base] if new_format else [base, folder / "base.idx.src.npy"]):
+                    shutil.copyfile(src, f"{src}.{copy}")
+            os.link(f"{base}.{copy}" if copy else base, folder / name)
             if not new_format:
-                os.link(folder / "base.idx.src.npy", folder / f"{name}{cf.INDEX_SUFFIX}")
+                idx = folder / "base.idx.src.npy"
+                os.link(f"{idx}.{copy}" if copy else idx, folder / f"{name}{cf.INDEX_SUFFIX}")
         extra = {"index_span": span} if new_format else {}
         results.append(cf.ShardResult(name, f"pipe:aws s3 cp s3://laion/{name} -", True, len(index), len(index),
                                       bucket_counts=list(PER_BUCKET), spec=spec, seconds=100.0, bytes=size, **extra))
@@ -218,7 +224,6 @@ def _assembly_with(pythonpath: Path, folder: Path, num_shards: int) -> tuple[flo
                           timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(f"assembly failed ({pythonpath}):\n{proc.stderr[-3000:]}")
-    shutil.rmtree(folder)
     return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))  # type: ignore[return-value]
 
 
@@ -290,7 +295,6 @@ def main(argv: list[str] | None = None) -> None:
         new = _run_probe(ROOT, work / "new", args)
         print(f"[fabricated {args.shards:,} hard-linked shards in {made:.0f} s]")
         print(_report("this loader", new, args.shards, args.window), flush=True)
-        shutil.rmtree(work / "new")
         if args.baseline_shards:
             base_src = _baseline_source(work, args.baseline_ref)
             _fabricate_with(base_src, work / "old", args.baseline_shards)

@@ -273,9 +273,16 @@ def load_result(output_dir: str | Path, name: str) -> Optional[ShardResult]:
 
 
 def is_complete(output_dir: str | Path, name: str) -> bool:
-    result = load_result(output_dir, name)
-    out = Path(output_dir)
-    return bool(result and result.complete and (out / name).is_file())
+    return not incomplete_shards(output_dir, [name])
+
+
+def incomplete_shards(output_dir: str | Path, names: Sequence[str],
+                      results: Optional[list[ShardResult]] = None) -> list[str]:
+    """The names among `names` without a complete result and output shard (each result read once)."""
+    missing: list[str] = []
+    if results is None:
+        results, missing = load_results(output_dir, names)
+    return missing + [r.name for r in results if not (r.complete and os.path.isfile(os.path.join(output_dir, r.name)))]
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", durable: bool = True) -> None:
@@ -312,7 +319,7 @@ def cache_shard(input_url: str, output_dir: str | Path, encoders: Encoders, spec
             f"{output_dir / name} was cached with a different spec (encoders/buckets/dtypes); "
             f"cache into a new folder or delete {output_dir} first"
         )
-    if previous is not None and is_complete(output_dir, name):
+    if previous is not None and previous.complete and (output_dir / name).is_file():
         return previous
     (output_dir / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(output_dir, name)
@@ -483,7 +490,8 @@ def run_cache_job(data_cfg: Any, cond_cfg: Any, ae_cfg: Any, cache_cfg: Any, *, 
         raise CacheJobError(f"input shards share output names {dupes[:5]}: one output shard per input name")
     output_dir = Path(cache_cfg.output)
     output_dir.mkdir(parents=True, exist_ok=True)
-    todo = [u for u, n in zip(urls, names) if not is_complete(output_dir, n)]
+    redo = set(incomplete_shards(output_dir, names))
+    todo = [u for u, n in zip(urls, names) if n in redo]
     done_before = len(urls) - len(todo)
     bar = tqdm(total=None, desc=f"caching {len(todo)}/{len(urls)} shards", unit="img",
                disable=not cache_cfg.progress, dynamic_ncols=True, file=sys.stderr)
@@ -576,6 +584,6 @@ def expected_scale(manifest: dict[str, Any]) -> tuple[float, float]:
 
 __all__ = [
     "CacheJobError", "CacheSpec", "Encoders", "assemble_manifest", "build_encoders", "cache_shard",
-    "check_failure_rate", "is_complete", "latent_layout", "load_results", "run_cache_job", "weights_hash",
+    "check_failure_rate", "incomplete_shards", "is_complete", "latent_layout", "load_results", "run_cache_job", "weights_hash",
     "write_manifest",
 ]
