@@ -232,7 +232,7 @@ def _baseline_source(work: Path, ref: str) -> Path:
     base_src = work / "baseline-src"
     if not base_src.exists():
         base_src.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "ldmscale"], capture_output=True,
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "ldmscale", "conf"], capture_output=True,
                                  check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(base_src)], input=archive, check=True)
     return base_src
