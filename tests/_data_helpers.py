@@ -69,3 +69,15 @@ def cached_synthetic(root: Path, num_samples: int, shard_size: int) -> Path:
     cfg.cache.input, cfg.cache.output = str(root / "raw"), str(root / "cache")
     run_cache_job(cfg.data, cfg.conditioner, cfg.autoencoder, cfg.cache, encoders=encoders())
     return root / "cache"
+
+
+def cached_records(folder: Path) -> list:
+    """Every cached record of a cache folder, read straight from the tars by plain webdataset."""
+    import webdataset as wds
+
+    from ldmscale.data.cache_format import decode_sample
+
+    records = []
+    for shard in sorted(Path(folder).glob("*.tar")):
+        records += [decode_sample(s) for s in wds.WebDataset(str(shard), shardshuffle=False)]
+    return records

@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 
 from ldmscale.config import compose
 from ldmscale.data import synthetic
 from ldmscale.data.cache import build_encoders, run_cache_job
-from ldmscale.data.cache_format import decode_sample
 from ldmscale.data.conditioning import MASK_SIDE, box_mask, derive, low_res_of, sample_mask
 from ldmscale.data.loader import CacheMismatchError, build_loader, collate_records, sample_latents
 from ldmscale.demo_tasks import mean_fill
 from ldmscale.evaluation import psnr
+from tests._data_helpers import cached_records
 
 
 def _cache(tmp_path, kind: str, *extra: str):
@@ -70,18 +69,10 @@ def test_sr_cache_stores_the_low_res_image_and_batches_concat_it(tmp_path):
     torch.testing.assert_close(batch["concat"], expected, atol=2e-2, rtol=0)  # stored in bf16
 
 
-def _records(folder) -> list:
-    """Every cached record of a cache folder, read straight from the tars by plain webdataset."""
-    records = []
-    for shard in sorted(folder.glob("*.tar")):
-        records += [decode_sample(s) for s in wds.WebDataset(str(shard), shardshuffle=False)]
-    return records
-
-
 def test_inpaint_cache_stores_mask_and_masked_image_latents(tmp_path):
     cfg, manifest = _cache(tmp_path, "inpaint")
     assert manifest["concat"]["kind"] == "inpaint"
-    records = _records(tmp_path / "cache_inpaint")[:8]
+    records = cached_records(tmp_path / "cache_inpaint")[:8]
     keys = [r.key for r in records]
     # Stored: the key's fixed mask at latent resolution, and the moments of exactly the masked image.
     encoders = build_encoders(cfg.autoencoder, cfg.conditioner, "cpu")
