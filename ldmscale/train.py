@@ -152,21 +152,31 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
 
 
 def run(cfg: Config) -> None:
-    """Run one job described by `cfg` in this process (under python, torchrun, deepspeed or srun)."""
-    from ldmscale import checkpoint as ckpt
-    from ldmscale.config import save_resolved
+    """Run one job described by `cfg` in this process (under python, torchrun, deepspeed or srun).
+
+    Any rank's exception ends the whole job with that exception printed (env.fail_fast), never a hang.
+    """
     from ldmscale.distributed import env
-    from ldmscale.metrics import build_logger, detect_peak_flops
-    from ldmscale.trainer import Trainer
 
     if cfg.dry_run:
         dry_run(cfg, env.detect().world_size)
         return
-    backend = cfg.deepspeed.backend
-    dist = env.setup(backend)
+    dist = env.setup(cfg.deepspeed.backend)
+    with env.fail_fast(dist):
+        _run_stage(cfg, dist)
+    env.teardown()
+
+
+def _run_stage(cfg: Config, dist: Any) -> None:
+    from ldmscale import checkpoint as ckpt
+    from ldmscale.config import check_paths, save_resolved
+    from ldmscale.metrics import build_logger, detect_peak_flops
+    from ldmscale.trainer import Trainer
+
     engines: dict[str, Any] = {}
     logger = None
     try:
+        check_paths(cfg)
         seed_everything(cfg.seed, dist.rank)
         if dist.is_main:
             save_resolved(cfg, cfg.run_dir)
@@ -187,12 +197,11 @@ def run(cfg: Config) -> None:
         trainer.logger = logger
         ckpt.SAVE_REQUEST.install()
         trainer.fit()
-    finally:
+    finally:  # local cleanup only (no collectives): it also runs on the way out of a failure
         if logger is not None:
             logger.close()
         for engine in engines.values():
             engine.destroy()
-        env.teardown()
 
 
 register_configs()
@@ -202,13 +211,19 @@ register_configs()
 def main(composed: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from ldmscale.distributed import env
     from ldmscale.launch import launch
 
     cfg = to_object(composed)
-    if cfg.stage == "demo":  # the whole pipeline; each of its training steps is an ordinary run
+    if cfg.stage == "demo" and not cfg.dry_run:  # the whole pipeline; each of its steps is an ordinary run
         if cfg.launcher.kind != "local":
             raise SystemExit("stage=demo runs here, step by step; to use SLURM, submit its steps as "
                              "experiments (e.g. +experiment=ae_demo launcher=slurm), not the demo pipeline")
+        if env.detect().world_size > 1:  # every rank would run the pipeline and write the same files
+            raise SystemExit("stage=demo (the default without +experiment) runs the whole pipeline from one "
+                             "process: start it with `python -m ldmscale.train`, not torchrun/srun; to train one "
+                             "of its steps on several ranks, launch that step (e.g. +experiment=demo "
+                             "data.train_shards=[RUN_DIR/cache]) under torchrun")
         from ldmscale.pipeline import run_demo
 
         run_demo(cfg, list(HydraConfig.get().overrides.task))

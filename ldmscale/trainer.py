@@ -154,7 +154,12 @@ class Trainer:
 
     def check_nonfinite(self, out: dict[str, torch.Tensor]) -> bool:
         """On sync steps, count the skipped (non-finite) steps since the last check; after
-        max_nonfinite_steps in a row save the last good state and stop. Other steps: no host sync."""
+        max_nonfinite_steps in a row stop, naming the last good checkpoint. Other steps: no host sync.
+
+        No checkpoint is written during a streak (see save): the weights may have diverged a step before
+        the loss turned non-finite (a huge but finite gradient), so the good state is the last checkpoint
+        saved before the streak, which stays `latest` and is kept by retention.
+        """
         if self._stats is None or not self.should_sync(self.step):
             return False
         _, _, in_a_row, longest, total = (int(v) for v in self._stats.tolist())
@@ -167,17 +172,32 @@ class Trainer:
                           f"(longest run {longest}/{self.cfg.max_nonfinite_steps} in a row)")
         if longest < self.cfg.max_nonfinite_steps:
             return False
-        # Skipped steps left the weights untouched, so the current engine state is the last good one.
-        path = self.save()
+        # The streak lies between the last check and this one; it starts exactly here if it is still going on.
+        first_bad = self.step - longest + 1 if in_a_row == longest else None
+        seen = f"at step {first_bad}" if first_bad else f"before step {self.step}"
+        steps = f"steps {first_bad}..{self.step}" if first_bad else f"up to step {self.step}"
+        good = ckpt.latest_tag(self.checkpointer.dir)
+        if good is not None and (self.checkpointer.dir / good / ckpt.META).is_file():
+            where = (f"The last good weights are those of step {int(good.split('_')[1])}, in "
+                     f"{self.checkpointer.dir / good} (saved before the first non-finite loss {seen}; "
+                     "it stays 'latest'). Re-run the same command with a lower LR "
+                     "(e.g. optim.lr=<a third of it>; the configured LR wins on resume) to go on from there; "
+                     "if it diverges again, point checkpoints/latest at an older step_* folder")
+        else:
+            where = ("No checkpoint was saved before the divergence: start again with a lower optim.lr")
         raise NonFiniteLossError(
-            f"{longest} consecutive non-finite losses up to step {self.step} "
-            f"(trainer.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); the last good weights are "
-            f"saved in {path}. Lower optim.lr, raise optim.warmup_steps, switch deepspeed.precision to "
-            "bf16/fp32, or check the data"
+            f"{longest} consecutive non-finite losses, {steps} "
+            f"(trainer.max_nonfinite_steps={self.cfg.max_nonfinite_steps}). {where}. Also consider a longer "
+            "optim.warmup_steps, deepspeed.precision=bf16/fp32, or checking the data"
         )
 
     # ---- state
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Collective checkpoint of the whole state; skipped while losses are non-finite (see check_nonfinite)."""
+        if self.nonfinite_in_a_row:
+            self.logger.write(f"step {self.step}: no checkpoint while losses are non-finite; 'latest' keeps "
+                              "the last good state")
+            return None
         client = {"step": self.step, "images_seen": self.images_seen, "epoch": self.epoch,
                   "nonfinite_total": self.nonfinite_total, "rng": ckpt.rng_state(),
                   "loader": _loader_state(self.loader), "task": self.task.state_dict()}

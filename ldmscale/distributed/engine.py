@@ -9,6 +9,7 @@ import contextlib
 import copy
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,47 @@ from ldmscale.config import DeepSpeedConfig, OptimConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set before the import)
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: E402
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
+
+from ldmscale.checkpoint import load_data  # noqa: E402
+
+# The only non-tensor classes in DeepSpeed's checkpoint files (ZeRO 0-3; fp32, bf16, fp16), found with
+# torch.serialization.get_unsafe_globals_in_checkpoint: plain records of numbers, rebuilt from their fields.
+DEEPSPEED_SAFE_GLOBALS = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+
+
+def load_deepspeed_file(path: str, map_location: Any = "cpu", **kwargs: Any) -> Any:
+    """One DeepSpeed checkpoint file, as data (weights_only with DEEPSPEED_SAFE_GLOBALS)."""
+    return load_data(path, map_location=map_location, allowed=DEEPSPEED_SAFE_GLOBALS, **kwargs)
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with `load` replaced by a weights-only load; the rest delegates."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_deepspeed_file(path, map_location=map_location)
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """DeepSpeed also calls torch.load(weights_only=False) directly (zero_to_fp32, ZeRO-3 helpers); inside
+    this block every such call loads as data. Used only around DeepSpeed's loading entry points."""
+    original = torch.load
+    torch.load = load_deepspeed_file
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 class BatchArithmeticError(ValueError):
@@ -257,12 +297,26 @@ class Engine:
         self._ds.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
 
     def load(self, load_dir: str, tag: str, *, load_optimizer_states: bool = True) -> dict[str, Any]:
-        path, client_state = self._ds.load_checkpoint(
-            load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
-            load_lr_scheduler_states=load_optimizer_states,
-        )
+        """Every file is read as data (WeightsOnlyCheckpointEngine); a file holding code is refused, named."""
+        if not isinstance(self._ds.checkpoint_engine, WeightsOnlyCheckpointEngine):
+            self._ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self._ds.checkpoint_engine)
+        scheduler = self.lr_scheduler
+        configured = list(getattr(scheduler, "base_lrs", []))
+        with _weights_only_torch_load():
+            path, client_state = self._ds.load_checkpoint(
+                load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
+                load_lr_scheduler_states=load_optimizer_states,
+            )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {load_dir}")
+        if configured and list(scheduler.base_lrs) != configured:
+            # The configured optim.lr wins over the saved one, so "resume with a lower LR" (the advice after
+            # a divergence) takes effect; the schedule's position (warmup, cosine) is the checkpoint's.
+            scheduler.base_lrs = configured
+            factors = [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+            for group, base, factor in zip(scheduler.optimizer.param_groups, configured, factors):
+                group["lr"] = base * factor
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
         return client_state or {}
 
     def destroy(self) -> None:
@@ -392,10 +446,11 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str, zero_stage: int) -> di
         path = os.path.join(folder, "mp_rank_00_model_states.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: a ZeRO-0 checkpoint keeps the module there")
-        module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        module = load_deepspeed_file(path)["module"]
         return {name: value.detach().float() if value.is_floating_point() else value.detach()
                 for name, value in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    with _weights_only_torch_load():
+        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     return {name: value.detach().cpu().contiguous() for name, value in state.items()}
