@@ -7,6 +7,7 @@ Layout under `checkpoint.dir` (default RUN_DIR/checkpoints):
     step_00000100/meta.json         written last by rank 0: step, world size, ZeRO stage, resolved config,
                                     and the size and CRC-32 of every other file (read back from disk)
     latest                          the tag of the newest COMPLETE checkpoint (atomic rename)
+    ema_snapshots/                  ema.kind=power: fp16 EMA snapshots (ema.py); retention leaves them
 
 Every file is loaded as data (torch.load weights_only=True; DeepSpeed's few plain classes are allow-listed in
 distributed/engine.py): a run directory from someone else never executes code. A checkpoint is verified
@@ -485,13 +486,27 @@ def load_run_weights(run_dir: str | Path, *, ema: bool = True, engine: str = "de
     return state, meta
 
 
+def write_weights_export(state: dict[str, torch.Tensor], out: str | Path, *, weights: str, step: int,
+                         source: str | Path, config: dict[str, Any]) -> Path:
+    """The flat safetensors export that sampling, evaluation and checkpoint.load_weights_only read: a
+    Denoiser state dict, with metadata naming the weights (ema, raw, ...), the step, the run and its config."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"weights": weights, "step": str(step), "source": str(Path(source).resolve()),
+            "config": json.dumps(config, default=str)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=info)
+    return out
+
+
 class RunModels(NamedTuple):
     """What sampling and export need from a stage-2 run, on CPU in eval mode."""
 
     cfg: Config
     denoiser: torch.nn.Module
     autoencoder: torch.nn.Module
-    text_encoder: Any  # None unless conditioner.kind == "text"
+    text_encoder: Any  # the conditioning kind's frozen encoder (text towers), or None
 
 
 def build_run_models(cfg: Config, device: torch.device | str = "cpu") -> RunModels:
@@ -499,14 +514,14 @@ def build_run_models(cfg: Config, device: torch.device | str = "cpu") -> RunMode
     the autoencoder (cfg.autoencoder.weights, else the cache job's seed-0 one) and the text encoder."""
     import dataclasses
 
-    from ldmscale.models import build_autoencoder, build_denoiser, build_text_encoder
+    from ldmscale.models import build_autoencoder, build_denoiser
 
     model_cfg = dataclasses.replace(cfg.model, weights=None)  # the checkpoint supersedes the initial weights
     denoiser = build_denoiser(model_cfg, cfg.conditioner)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # an untrained autoencoder is the cache job's (seed 0)
         autoencoder = build_autoencoder(cfg.autoencoder)
-    text_encoder = build_text_encoder(cfg.conditioner, device=device) if cfg.conditioner.kind == "text" else None
+    text_encoder = denoiser.conditioning.build_frozen(device)
     return RunModels(cfg, denoiser.to(device).eval(), autoencoder.to(device).eval(), text_encoder)
 
 

@@ -117,15 +117,22 @@ class AutoencoderLossConfig:
 # ---------------------------------------------------------------------------- conditioner
 @dataclass
 class ConditionerConfig:
-    """How the U-Net is conditioned: text, class, layout, concat (sr/inpaint) or none."""
+    """How the U-Net is conditioned: one of `ldmscale.conditioning.KINDS` (text, sdxl, class, layout, sr,
+    inpaint, none) and its settings."""
 
-    kind: str = "text"  # text | class | layout | sr | inpaint | none
+    kind: str = "text"  # a key of ldmscale.conditioning.KINDS
     ucg_rate: float = 0.1  # probability of dropping the condition (for classifier-free guidance)
     # text (open_clip)
     text_model: str = "ldmscale-tiny-text"
     text_weights: Optional[str] = None
     text_layer: str = "last"  # last | penultimate
     context_length: int = 77
+    # sdxl: the second tower (OpenCLIP ViT-bigG/14); text_model is the first (CLIP ViT-L/14). text_weights may
+    # also be an SDXL sgm single file or a diffusers folder holding both towers.
+    text_model_2: str = "ldmscale-tiny-bigg"
+    text_weights_2: Optional[str] = None
+    ucg_rate_2: Optional[float] = None  # tower 2's own drop rate (None: ucg_rate); dropped independently
+    size_embed_dim: int = 256  # each size/crop number's sinusoidal embedding
     # class / layout
     num_classes: int = 0
     max_boxes: int = 4
@@ -307,11 +314,19 @@ class CheckpointConfig:
 
 @dataclass
 class EMAConfig:
-    """Exponential moving average of the trained weights."""
+    """Moving average of the trained weights: exponential, or EDM2's power function (length chosen post hoc)."""
 
     enabled: bool = True
-    decay: float = 0.999
-    start_step: int = 0
+    kind: str = "exponential"  # exponential | power (EDM2: tools/posthoc_ema.py picks σ_rel after training)
+    decay: float = 0.999  # exponential only
+    start_step: int = 0  # exponential only: before it the EMA copies the weights
+    # power only: one tracked profile per relative width σ_rel (EDM2's pair); the first is the live EMA
+    # (sample grids, export, eval). Snapshots of all profiles every snapshot_every_steps (and at the last
+    # step) go to checkpoint.dir/ema_snapshots as fp16 safetensors; 0 = none (no post-hoc EMA).
+    sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    snapshot_every_steps: int = 1000
+    # power only: the σ_rel values the demo (stage=demo) reconstructs after stage 2 and evaluates each of
+    posthoc_sigma_rels: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.2])
 
 
 @dataclass
@@ -326,6 +341,9 @@ class CacheConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     latent_dtype: str = "bf16"  # bf16 | fp16 | fp32: how KL moments / VQ latents are stored
     text_dtype: str = "fp16"  # fp16 | bf16 | fp32
+    # embeddings: store the real tokens' embeddings; tokens: store token ids only and run the frozen text
+    # tower(s) in the training process (see README, "Text in the cache")
+    text: str = "embeddings"
     max_failure_rate: float = 0.05  # skipped/read above this → the job exits non-zero
     progress: bool = True
 
@@ -381,7 +399,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "stage": ("diffusion", "autoencoder", "demo"),
     "autoencoder.kind": ("kl", "vq"),
     "autoencoder.codebook": ("plain", "linear"),
-    "conditioner.kind": ("text", "class", "layout", "sr", "inpaint", "none"),
+    "cache.text": ("embeddings", "tokens"),
     "conditioner.text_layer": ("last", "penultimate"),
     "diffusion.prediction_type": ("eps", "v", "x0"),
     "diffusion.timestep_sampling": ("uniform", "logit_normal"),
@@ -397,6 +415,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "deepspeed.backend": ("auto", "nccl", "gloo"),
     "logger.wandb_mode": ("offline", "online", "disabled"),
     "launcher.kind": ("local", "slurm"),
+    "ema.kind": ("exponential", "power"),
     "model.attention_backend": ("sdpa", "xformers", "math"),
 }
 
@@ -409,7 +428,9 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Check values that types alone cannot; raise ConfigError naming the key."""
-    for key, choices in _CHOICES.items():
+    from ldmscale.conditioning import KINDS
+
+    for key, choices in {**_CHOICES, "conditioner.kind": tuple(KINDS)}.items():
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
@@ -437,12 +458,25 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.max_aspect_ratio={cfg.data.max_aspect_ratio} must be >= 1 (or 0: no limit)")
     if not all(0 <= b < 1 for b in cfg.optim.betas) or len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
+    _validate_ema(cfg.ema)
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
             f"data.micro_batch_size={cfg.data.micro_batch_size}"
         )
     return cfg
+
+
+def _validate_ema(ema: EMAConfig) -> None:
+    if ema.snapshot_every_steps < 0:
+        raise ConfigError(f"ema.snapshot_every_steps={ema.snapshot_every_steps} must be >= 0 (0: no snapshots)")
+    if ema.kind == "power" and not ema.sigma_rels:
+        raise ConfigError("ema.sigma_rels is empty: ema.kind=power tracks one profile per σ_rel")
+    limit = (1 / 12) ** 0.5  # σ_rel of the flattest profile (γ → 0)
+    for key in ("ema.sigma_rels", "ema.posthoc_sigma_rels"):
+        for value in getattr(ema, key.split(".")[1]):
+            if not 0 < value < limit:
+                raise ConfigError(f"{key} holds {value}: every σ_rel must lie in (0, {limit:.4f})")
 
 
 def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
