@@ -510,13 +510,7 @@ def check_paths(cfg: Config) -> None:
     import os
 
     for key in ("run_dir", "checkpoint.dir"):
-        path = Path(_get(cfg, key))
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"{key}={str(path)!r} is a file, not a folder")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"{key}={str(path)!r} cannot be created: {err.strerror or err}") from None
+        path = Path(creatable_dir(str(_get(cfg, key)), key))
         if not os.access(path, os.W_OK):
             raise ConfigError(f"{key}={str(path)!r} is not writable")
     for i, url in enumerate(cfg.data.train_shards):
@@ -563,6 +557,21 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="ldmscale_schema", node=Config)
     if not OmegaConf.has_resolver("ldmscale.run_dir"):
         OmegaConf.register_new_resolver("ldmscale.run_dir", default_run_dir)
+    if not OmegaConf.has_resolver("ldmscale.creatable"):
+        OmegaConf.register_new_resolver("ldmscale.creatable", creatable_dir)
+
+
+def creatable_dir(path: str, key: str = "run_dir") -> str:
+    """`path` unchanged if it is (or can be made) a folder; else a ConfigError naming `key`. Hydra makes
+    hydra.run.dir (= run_dir) before any of our code runs, so the check sits in that interpolation."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key}={path!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}={path!r} cannot be created: {err.strerror or err}") from None
+    return path
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
