@@ -328,9 +328,12 @@ def build_run_models(cfg: Config, device: torch.device | str = "cpu") -> RunMode
 
 
 def load_run_models(run_dir: str | Path, ema: bool = True, *, tag: str | None = None,
-                    device: torch.device | str = "cpu") -> RunModels:
-    """A stage-2 run directory → (config, denoiser with EMA or raw weights, autoencoder, text encoder)."""
-    cfg = read_run_config(run_dir)
+                    device: torch.device | str = "cpu", overrides: list[str] | None = None) -> RunModels:
+    """A stage-2 run directory → (config, denoiser with EMA or raw weights, autoencoder, text encoder).
+    `overrides` (key.path=value) change the run's config first, e.g. autoencoder.weights=ANOTHER."""
+    from ldmscale.config import apply_overrides
+
+    cfg = apply_overrides(read_run_config(run_dir), list(overrides or []))
     state, _ = load_run_weights(run_dir, ema=ema, tag=tag)
     models = build_run_models(cfg, device)
     missing, unexpected = models.denoiser.load_state_dict(state, strict=False)

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = [p for p in list(model.parameters()) + [loss_fn.logvar] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)
-    loader = iter(PixelLoader(PixelShardDataset([args.train], cfg.data.resolution), cfg.data.micro_batch_size,
-                              seed=cfg.seed))
+    loader = PixelLoader(PixelShardDataset([args.train], cfg.data.resolution), cfg.data.micro_batch_size,
+                         seed=cfg.seed).endless()
     val = torch.stack(list(PixelShardDataset([args.val], cfg.data.resolution)))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.experiment}: {n_params / 1e6:.2f}M params, {cfg.data.resolution}px, batch "

@@ -72,7 +72,7 @@ class SampleTable:
         return int(self.shard.shape[0])
 
 
-def _find_manifest(entry: str) -> Path:
+def find_manifest(entry: str) -> Path:
     if os.path.isdir(entry):
         folder = Path(entry)
     else:
@@ -99,7 +99,7 @@ def build_table(train_shards: Sequence[str]) -> SampleTable:
     manifests: list[dict[str, Any]] = []
     buckets: Optional[list[tuple[int, int]]] = None
     for source, entry in enumerate(train_shards):
-        manifest_path = _find_manifest(entry)
+        manifest_path = find_manifest(entry)
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format") != FORMAT_NAME:
             raise CacheMismatchError(f"{manifest_path} is not an {FORMAT_NAME} manifest")
@@ -404,13 +404,12 @@ def build_loader(data_cfg: Any, cond_cfg: Any, ae_cfg: Any, *, seed: int, rank: 
     if data_cfg.shard_weights and len(data_cfg.shard_weights) != len(data_cfg.train_shards):
         raise ValueError(f"data.shard_weights has {len(data_cfg.shard_weights)} entries, "
                          f"data.train_shards has {len(data_cfg.train_shards)}")
-    scale, shift = ae_cfg.scale_factor, ae_cfg.shift_factor
-    if data_cfg.use_manifest_scale:
-        stats = table.manifests[0].get("latent_stats") or {}
-        scale, shift = stats["scale_factor"], stats["shift_factor"]
+    from ldmscale.latent_scale import decide
+
+    scale = decide(ae_cfg, data_cfg)  # already in ae_cfg when it came from config.to_object
     settings = _Settings(seed, rank, world_size, data_cfg.micro_batch_size, tuple(data_cfg.shard_weights),
                          ae_cfg.kind, cond_cfg.kind, cond_cfg.context_length, cond_cfg.max_boxes,
-                         float(scale), float(shift))
+                         scale.scale_factor, scale.shift_factor)
     loader = Loader(table, settings, data_cfg.num_workers, data_cfg.prefetch_factor)
     if len(loader) == 0:
         raise ValueError(

@@ -8,7 +8,6 @@ the data. Meant for the modest image sets stage 1 trains on; streaming shards ar
 
 from __future__ import annotations
 
-import glob
 import io
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -30,18 +29,14 @@ class _Entry:
     size: int
 
 
-def expand_urls(urls: Sequence[str]) -> list[str]:
-    """Local paths, globs and brace ranges ('shapes-{000000..000003}.tar') → existing files, in order."""
-    from braceexpand import braceexpand
+def local_shard_paths(urls: Sequence[str]) -> list[str]:
+    """data.train_shards (brace ranges, folders, globs: ldmscale.data.shards.expand_urls) → existing local files."""
+    from ldmscale.data.shards import expand_urls
 
-    paths: list[str] = []
-    for url in urls:
-        for item in braceexpand(url):
-            matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
-            for path in matches:
-                if not Path(path).is_file():
-                    raise FileNotFoundError(f"raw shard {path!r} (from {url!r}) does not exist")
-                paths.append(path)
+    paths = expand_urls(list(urls))
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"raw shard {path!r} (from {list(urls)}) does not exist")
     if not paths:
         raise FileNotFoundError(f"no raw shards match {list(urls)}")
     return paths
@@ -83,7 +78,7 @@ class PixelShardDataset(torch.utils.data.Dataset):
     """Indexed raw shards: `dataset[i]` is sample i's pixels [3, R, R] in [-1, 1]."""
 
     def __init__(self, urls: Sequence[str], resolution: int) -> None:
-        self.paths = expand_urls(urls)
+        self.paths = local_shard_paths(urls)
         self.entries = index_shards(self.paths)
         if not self.entries:
             raise ValueError(f"no images (.{'/.'.join(IMAGE_EXTS)}) in raw shards {self.paths[:3]}...")
@@ -137,18 +132,24 @@ class PixelLoader:
         return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rest of the current epoch; then the next epoch is set, and a new iter() starts it (the
+        trainer counts epochs by that end, as with the cached loader)."""
+        batches = self._epoch_batches()[self.position:]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                                             persistent_workers=False)
+        for indices, pixels in zip(batches, loader):
+            if self.random_flip:
+                # A flip decided by (seed, sample index, epoch), so it survives resume.
+                flips = torch.tensor([hash((self.seed, self.epoch, i)) % 2 for i in indices], dtype=torch.bool)
+                pixels = torch.where(flips[:, None, None, None], pixels.flip(-1), pixels)
+            self.position += 1
+            yield {"pixels": pixels}
+        self.set_epoch(self.epoch + 1)
+
+    def endless(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Epoch after epoch, for loops without a trainer (tools/stage1_quality.py)."""
         while True:
-            batches = self._epoch_batches()[self.position:]
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                                 persistent_workers=False)
-            for indices, pixels in zip(batches, loader):
-                if self.random_flip:
-                    # A flip decided by (seed, sample index, epoch), so it survives resume.
-                    flips = torch.tensor([hash((self.seed, self.epoch, i)) % 2 for i in indices], dtype=torch.bool)
-                    pixels = torch.where(flips[:, None, None, None], pixels.flip(-1), pixels)
-                self.position += 1
-                yield {"pixels": pixels}
-            self.set_epoch(self.epoch + 1)
+            yield from self
 
 
 def build_pixel_loader(data_cfg, *, seed: int, rank: int = 0, world_size: int = 1,
