@@ -251,7 +251,8 @@ class AutoencoderTask:
         model = self.autoencoder
         was_training = model.training
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64)  # psnr, ssim, n
+        sums = torch.zeros(4, dtype=torch.float64)  # psnr, ssim, n, psnr of bicubic down-and-up (the baseline)
+        factor = model.downsample_factor
         n_embed = model.quantize.n_embed if isinstance(model, VQModel) else 0
         code_counts = torch.zeros(max(n_embed, 1), dtype=torch.float64)
         grid_rows: list[torch.Tensor] = []
@@ -264,6 +265,7 @@ class AutoencoderTask:
             sums[0] += evaluation.psnr(pixels, recon).double().sum().cpu()
             sums[1] += evaluation.ssim(pixels, recon).double().sum().cpu()
             sums[2] += pixels.shape[0]
+            sums[3] += evaluation.psnr(pixels.float(), bicubic_roundtrip(pixels.float(), factor)).double().sum().cpu()
             if inception is not None:
                 real_stats.update(inception(pixels.float()))
                 fake_stats.update(inception(recon.float()))
@@ -274,7 +276,8 @@ class AutoencoderTask:
                 grid_rows = [pixels[:k].cpu(), recon[:k].float().cpu()]
         model.train(was_training)
         _all_reduce_sum(sums)
-        metrics: dict[str, Any] = {"eval/psnr": float(sums[0] / sums[2]), "eval/ssim": float(sums[1] / sums[2])}
+        metrics: dict[str, Any] = {"eval/psnr": float(sums[0] / sums[2]), "eval/ssim": float(sums[1] / sums[2]),
+                                   f"eval/psnr_bicubic{factor}x": float(sums[3] / sums[2])}
         if inception is not None:  # rFID: held-out images vs their reconstructions (a few thousand for stable values)
             for t in real_stats.tensors + fake_stats.tensors:
                 _all_reduce_sum(t)
@@ -346,6 +349,16 @@ class AutoencoderTask:
                         and not model.bicubic_skip:
                     save_autoencoder(model, Path(run_dir) / DIFFUSERS_DIR, format="diffusers")
         return out
+
+
+def bicubic_roundtrip(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """The baseline an f-`factor` autoencoder must beat: antialiased bicubic down by `factor`, bicubic up."""
+    import torch.nn.functional as F
+
+    from ldmscale.data.conditioning import low_res_of
+
+    up = F.interpolate(low_res_of(pixels, factor), size=pixels.shape[-2:], mode="bicubic", align_corners=False)
+    return up.clamp(-1, 1)
 
 
 def resolve_run_dir(path: str | Path) -> Path:
