@@ -430,6 +430,15 @@ def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[st
                 any(key.startswith("unet.") for key in _read_state(path, ema)):
             denoiser = build_denoiser(cfg.model, cfg.conditioner)  # our consolidated Denoiser export
             _load_state(denoiser, path, ema)
+        elif path.is_dir() and (path / RUN_CONFIG).is_file():  # our folder export: U-Net + extras (layout)
+            from ldmscale.models.interop import load_unet_weights
+
+            denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
+            load_unet_weights(denoiser.unet, path)
+            if (path / DENOISER_EXTRAS).is_file():
+                unexpected = denoiser.load_state_dict(_read_state(path / DENOISER_EXTRAS, ema), strict=False)[1]
+                if unexpected:
+                    raise ValueError(f"{path / DENOISER_EXTRAS}: {unexpected[:5]} do not fit the configured denoiser")
         else:
             denoiser = _denoiser_from_unet_checkpoint(path, cfg)
         if path.is_dir():

@@ -183,9 +183,13 @@ def test_bicubic_skip_autoencoder_starts_as_bicubic_down_and_up():
 
 # ---------------------------------------------------------------------------- slow
 def _run(cmd: list[str], timeout: float = 900) -> str:
+    import time
+
+    start = time.perf_counter()
     proc = subprocess.run(cmd, env=dict(dist_env(), WANDB_MODE="disabled"), capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stdout[-3000:] + proc.stderr[-6000:]
+    print(f"{time.perf_counter() - start:6.1f} s  {' '.join(cmd[1:4])}")  # pytest -s: the time of each step
     return proc.stdout + proc.stderr
 
 
