@@ -202,6 +202,7 @@ def _png_tiles(path: Path, count: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~4 min alone on 2 cores; generous for a loaded CI machine
 def test_own_data_commands(tmp_path):
     """The README's "Your own data" commands (32 px, a few steps) on crops of real photos, one class each."""
     import numpy as np
@@ -295,6 +296,7 @@ def test_own_data_commands(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 300 steps: ~3 min alone on 2 cores; generous for a loaded CI machine
 def test_photo_recipe_beats_bicubic_on_held_out_photos(tmp_path):
     """ae_photo (python -m ldmscale.train, DeepSpeed) on crops of six photos; held out: two other photos."""
     train_names = ["astronaut.png", "coffee.png", "motorcycle_left.png", "hubble_deep_field.jpg", "retina.jpg",
