@@ -315,6 +315,7 @@ def test_photo_recipe_beats_bicubic_on_held_out_photos(tmp_path):
           f"checkpoint.every_steps={PHOTO_TEST_STEPS}"], timeout=1200)
     final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "eval/psnr" in line][-1]
+    print(f"step {final['step']}: held-out PSNR {final['eval/psnr']:.2f} dB, bicubic {final['eval/psnr_bicubic4x']:.2f} dB")
     assert final["eval/psnr"] > final["eval/psnr_bicubic4x"] + 0.2, final
 
 
