@@ -491,7 +491,7 @@ class RunModels(NamedTuple):
     cfg: Config
     denoiser: torch.nn.Module
     autoencoder: torch.nn.Module
-    text_encoder: Any  # None unless conditioner.kind == "text"
+    text_encoder: Any  # the conditioning kind's frozen encoder (text towers), or None
 
 
 def build_run_models(cfg: Config, device: torch.device | str = "cpu") -> RunModels:
@@ -499,14 +499,14 @@ def build_run_models(cfg: Config, device: torch.device | str = "cpu") -> RunMode
     the autoencoder (cfg.autoencoder.weights, else the cache job's seed-0 one) and the text encoder."""
     import dataclasses
 
-    from ldmscale.models import build_autoencoder, build_denoiser, build_text_encoder
+    from ldmscale.models import build_autoencoder, build_denoiser
 
     model_cfg = dataclasses.replace(cfg.model, weights=None)  # the checkpoint supersedes the initial weights
     denoiser = build_denoiser(model_cfg, cfg.conditioner)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # an untrained autoencoder is the cache job's (seed 0)
         autoencoder = build_autoencoder(cfg.autoencoder)
-    text_encoder = build_text_encoder(cfg.conditioner, device=device) if cfg.conditioner.kind == "text" else None
+    text_encoder = denoiser.conditioning.build_frozen(device)
     return RunModels(cfg, denoiser.to(device).eval(), autoencoder.to(device).eval(), text_encoder)
 
 

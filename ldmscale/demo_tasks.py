@@ -49,15 +49,18 @@ class TaskEvaluator:
         from ldmscale.sample import generate
 
         m, cfg = self.models, self.cfg
-        if cfg.conditioner.kind in ("none", "sr", "inpaint"):  # nothing to guide: these never drop a condition
+        if not m.denoiser.conditioning.guidable:  # nothing to guide: these never drop a condition
             inputs.setdefault("guidance_scale", 1.0)
-        return generate(m.denoiser, m.autoencoder, m.text_encoder, cfg.conditioner.kind, diffusion_cfg=cfg.diffusion,
-                        seeds=list(range(self.count)), height=cfg.data.resolution, width=cfg.data.resolution,
-                        trained_ucg_rate=cfg.conditioner.ucg_rate, num_classes=cfg.conditioner.num_classes or None,
+        return generate(m.denoiser, m.autoencoder, m.text_encoder, m.denoiser.conditioning,
+                        diffusion_cfg=cfg.diffusion, seeds=list(range(self.count)), height=cfg.data.resolution,
+                        width=cfg.data.resolution, trained_ucg_rate=cfg.conditioner.ucg_rate,
                         batch_size=self.batch_size, **inputs).images
 
     def run(self) -> tuple[dict[str, Any], str, list[torch.Tensor]]:
-        return getattr(self, f"eval_{self.cfg.conditioner.kind}")()
+        name = self.cfg.conditioner.kind
+        if name not in EVALUATORS:
+            raise ValueError(f"the demo has no evaluation for conditioner.kind={name!r} (known: {sorted(EVALUATORS)})")
+        return EVALUATORS[name](self)
 
     def eval_text(self) -> tuple[dict[str, Any], str, list[torch.Tensor]]:
         per_prompt = self.cfg.pipeline.eval_seeds_per_prompt
@@ -131,3 +134,9 @@ class TaskEvaluator:
                    f"vs mean fill {scores['mean_fill_psnr']:.2f} dB ({scores['gain_db']:+.2f} dB)")
         shown = target * (1 - mask)  # the input: the masked image (masked pixels at mid grey)
         return scores, summary, [(t[:GRID_COLUMNS] + 1) / 2 for t in (shown, images, target)]
+
+
+# What the demo measures for each conditioning kind (a plain dict, as ldmscale.conditioning.KINDS).
+EVALUATORS = {"text": TaskEvaluator.eval_text, "none": TaskEvaluator.eval_none, "class": TaskEvaluator.eval_class,
+              "layout": TaskEvaluator.eval_layout, "sr": TaskEvaluator.eval_sr,
+              "inpaint": TaskEvaluator.eval_inpaint}

@@ -16,101 +16,49 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ldmscale.conditioning import Conditioning, SamplingConditions, SamplingContext, kind_named
+from ldmscale.conditioning.kinds import IMAGE_FLAGS, image_inputs
 from ldmscale.config import Config, DiffusionConfig
 from ldmscale.diffusion.samplers import generators_for_seeds, guided_model_fn, randn, sample
 from ldmscale.diffusion.schedules import Schedule
 
-COND_KINDS = ("text", "class", "layout", "sr", "inpaint", "none")
-
-
 # ---------------------------------------------------------------------------- conditions
-def _null_conditions(cond: dict[str, Tensor], kind: str, num_classes: Optional[int]) -> dict[str, Tensor]:
-    from ldmscale.models.conditioners import null_conditions
-
-    return null_conditions(cond, kind, num_classes)
+Conditions = SamplingConditions  # the name callers of build_conditions know
 
 
-def _latents_of(autoencoder: nn.Module, pixels: Tensor, generator: torch.Generator) -> Tensor:
-    """Pixels in [-1, 1] -> the scaled latent space the denoiser works in."""
-    moments = autoencoder.encode_moments(pixels)
-    latents = autoencoder.latent_from_moments(moments.float(), generator=generator)
-    return autoencoder.scale_latents(latents)
+def conditioning_of(cond_kind: str | Conditioning, denoiser: Optional[nn.Module] = None,
+                    num_classes: Optional[int] = None) -> Conditioning:
+    """The kind object: given, the denoiser's own (built from its config), or the named kind's defaults."""
+    if isinstance(cond_kind, Conditioning):
+        return cond_kind
+    own = getattr(denoiser, "conditioning", None)
+    if isinstance(own, Conditioning) and own.name == cond_kind:
+        return own
+    return kind_named(cond_kind, num_classes=num_classes or 0)
 
 
-@dataclass
-class Conditions:
-    """Everything sample() needs for one batch besides x_T."""
-
-    cond: dict[str, Tensor] = field(default_factory=dict)
-    uncond: Optional[dict[str, Tensor]] = None
-    inpaint_mask: Optional[Tensor] = None  # RePaint-style blending (models without concat inputs)
-    inpaint_latents: Optional[Tensor] = None
-
-
-def build_conditions(cond_kind: str, index: Sequence[int], *, latent_hw: tuple[int, int],
+def build_conditions(cond_kind: str | Conditioning, index: Sequence[int], *, latent_hw: tuple[int, int],
                      device: torch.device, text_encoder: Any = None, autoencoder: Optional[nn.Module] = None,
-                     denoiser: Optional[nn.Module] = None, prompts: Optional[Sequence[str]] = None,
-                     class_labels: Optional[Tensor] = None, boxes: Optional[Tensor] = None,
-                     box_classes: Optional[Tensor] = None, low_res: Optional[Tensor] = None,
-                     image: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                     num_classes: Optional[int] = None, need_uncond: bool = False,
-                     generator: Optional[torch.Generator] = None) -> Conditions:
-    """Conditions of the images `index` (rows of the per-image inputs) for a denoiser of `cond_kind`."""
-    import torch.nn.functional as F
-
-    from ldmscale.models.conditioners import inpaint_concat, upsample_low_res
-
-    rows = torch.as_tensor(list(index), dtype=torch.long)
-    cond: dict[str, Tensor] = {}
-    if cond_kind == "text":
-        if text_encoder is None or prompts is None:
-            raise ValueError("conditioner.kind='text' needs a text encoder and --prompt")
-        with torch.no_grad():
-            encoding = text_encoder.encode([prompts[i] for i in index])
-        cond = {"context": encoding.tokens.to(device), "context_mask": encoding.mask.to(device),
-                "pooled": encoding.pooled.to(device)}
-    elif cond_kind == "class":
-        if class_labels is None:
-            raise ValueError("conditioner.kind='class' needs --class-ids")
-        cond = {"class_labels": class_labels[rows].to(device)}
-    elif cond_kind == "layout":
-        if boxes is None or box_classes is None:
-            raise ValueError("conditioner.kind='layout' needs --boxes")
-        cond = {"boxes": boxes[rows].to(device), "box_classes": box_classes[rows].to(device)}
-    elif cond_kind == "sr":
-        if low_res is None:
-            raise ValueError("conditioner.kind='sr' needs --low-res")
-        cond = {"concat": upsample_low_res(low_res[rows].to(device), latent_hw)}
-    elif cond_kind not in ("inpaint", "none"):
-        raise ValueError(f"conditioner.kind={cond_kind!r} is not one of {list(COND_KINDS)}")
-
-    out = Conditions(cond)
-    if (image is None) != (mask is None):
-        raise ValueError("inpainting needs both --image and --mask")
-    concat_channels = getattr(denoiser, "concat_channels", 0)
-    if cond_kind == "inpaint" and image is None:
-        raise ValueError("conditioner.kind='inpaint' needs --image and --mask")
-    if image is not None:
-        if autoencoder is None:
-            raise ValueError("inpainting needs the autoencoder to encode --image")
-        pixels, fill = image[rows].to(device), mask[rows].to(device).float()  # fill: 1 = generate
-        with torch.no_grad():
-            if cond_kind == "inpaint" and concat_channels:
-                # LDM inpainting: the model sees the mask and the latent of the masked image (concat).
-                masked = _latents_of(autoencoder, pixels * (1 - fill), generator)
-                cond["concat"] = inpaint_concat(fill, masked)
-            else:
-                out.inpaint_latents = _latents_of(autoencoder, pixels, generator)
-                out.inpaint_mask = F.interpolate(fill, size=latent_hw, mode="nearest")
+                     denoiser: Optional[nn.Module] = None, num_classes: Optional[int] = None,
+                     need_uncond: bool = False, generator: Optional[torch.Generator] = None,
+                     image_hw: Optional[tuple[int, int]] = None, **inputs: Any) -> Conditions:
+    """Conditions of the images `index` (rows of the per-image `inputs`: prompts, class_labels, boxes, ...)
+    for a denoiser of `cond_kind`; the kind decides what they become."""
+    conditioning = conditioning_of(cond_kind, denoiser, num_classes)
+    factor = getattr(autoencoder, "downsample_factor", 1) if autoencoder is not None else 1
+    ctx = SamplingContext(torch.as_tensor(list(index), dtype=torch.long), latent_hw,
+                          image_hw or (latent_hw[0] * factor, latent_hw[1] * factor), device, text_encoder,
+                          autoencoder, denoiser, generator)
+    out = conditioning.sampling_conditions(inputs, ctx)
     if need_uncond:
-        out.uncond = _null_conditions(cond, cond_kind, num_classes)
+        out.uncond = {**out.cond, **conditioning.null(out.cond)}
     return out
 
 
@@ -123,17 +71,31 @@ class Generation:
     settings: dict[str, Any]
 
 
-def _count(cond_kind: str, num_images: Optional[int], **inputs: Any) -> int:
-    given = {name: len(value) for name, value in inputs.items() if value is not None}
+def _count(conditioning: Conditioning, num_images: Optional[int], inputs: dict[str, Any]) -> int:
+    given = {name: len(value) for name, value in inputs.items()
+             if value is not None and _per_image(conditioning, name, value)}
     if len(set(given.values())) > 1:
         raise ValueError(f"per-image inputs disagree on the number of images: {given}")
     if given:
         return next(iter(given.values()))
     if num_images is None:
-        if cond_kind != "none":
-            raise ValueError(f"conditioner.kind={cond_kind!r} needs its inputs (prompts, class ids, ...)")
+        if conditioning.sampling_inputs:
+            raise ValueError(f"conditioner.kind={conditioning.name!r} needs its inputs "
+                             f"({', '.join(conditioning.sampling_inputs)})")
         return 1
     return num_images
+
+
+# Inputs with one entry per image whatever the kind (image/mask: RePaint blending works for any kind).
+PER_IMAGE = ("prompts", "class_labels", "boxes", "box_classes", "low_res", "image", "mask")
+
+
+def _per_image(conditioning: Conditioning, name: str, value: Any) -> bool:
+    """A kind's `sampling_inputs` and PER_IMAGE hold one entry per image; any other input (e.g. SDXL's
+    original_size) is per image only when it has a batch axis ([N, 2]), else it applies to every image."""
+    if name in PER_IMAGE or name in conditioning.sampling_inputs:
+        return True
+    return torch.as_tensor(value).dim() >= 2
 
 
 def _repeat(value: Any, times: int) -> Any:
@@ -144,8 +106,9 @@ def _repeat(value: Any, times: int) -> Any:
     return [item for item in value for _ in range(times)]
 
 
-def generate(denoiser: nn.Module, autoencoder: Optional[nn.Module], text_encoder: Any, cond_kind: str, *,
-             diffusion_cfg: DiffusionConfig, prompts: Optional[Sequence[str]] = None,
+def generate(denoiser: nn.Module, autoencoder: Optional[nn.Module], text_encoder: Any,
+             cond_kind: str | Conditioning, *, diffusion_cfg: DiffusionConfig,
+             prompts: Optional[Sequence[str]] = None,
              class_labels: Optional[Sequence[int] | Tensor] = None, boxes: Optional[Tensor] = None,
              box_classes: Optional[Tensor] = None, low_res: Optional[Tensor] = None,
              image: Optional[Tensor] = None, mask: Optional[Tensor] = None, num_images: Optional[int] = None,
@@ -156,39 +119,42 @@ def generate(denoiser: nn.Module, autoencoder: Optional[nn.Module], text_encoder
              eta: Optional[float] = None, karras_sigmas: Optional[bool] = None,
              timestep_spacing: Optional[str] = None, trained_ucg_rate: Optional[float] = None,
              num_classes: Optional[int] = None, batch_size: int = 8, progress: bool = True,
-             device: Optional[torch.device | str] = None) -> Generation:
+             device: Optional[torch.device | str] = None, **kind_inputs: Any) -> Generation:
     """Sample images from a stage-2 denoiser and decode them; image i uses seed `seed + i` (or `seeds[i]`).
 
+    cond_kind: a kind name or its `Conditioning` (the denoiser's own is used when the names agree).
     Sampler settings default to `diffusion_cfg` (sampler, num_sampling_steps, guidance_scale, ...).
     height/width are in pixels and need not be the training size (the U-Net is convolutional).
     Inpainting (image [N,3,H,W] in [-1,1], mask [N,1,H,W], 1 = generate) goes through the concat input of
-    an `inpaint` model, or through RePaint-style latent blending for any other model.
+    an `inpaint` model, or through RePaint-style latent blending for any other model. kind_inputs: further
+    inputs a kind takes (e.g. sdxl: original_size, crop_top_left, target_size as (h, w) / [N, 2]).
     """
+    conditioning = conditioning_of(cond_kind, denoiser, num_classes)
     device = torch.device(device) if device is not None else next(denoiser.parameters()).device
     sampler = sampler or diffusion_cfg.sampler
     num_steps = num_steps or diffusion_cfg.num_sampling_steps
     if guidance_scale is None:  # the config's default: drop it quietly where it cannot apply
         guidance_scale = diffusion_cfg.guidance_scale
-        unguidable = cond_kind in ("sr", "inpaint", "none") or (trained_ucg_rate is not None and trained_ucg_rate <= 0)
+        unguidable = not conditioning.guidable or (trained_ucg_rate is not None and trained_ucg_rate <= 0)
         if unguidable and guidance_scale != 1.0:
-            warnings.warn(f"diffusion.guidance_scale={guidance_scale} ignored: a {cond_kind!r} model trained with "
-                          f"ucg_rate={trained_ucg_rate} has no unconditional mode; sampling with scale 1.0",
-                          stacklevel=2)
+            warnings.warn(f"diffusion.guidance_scale={guidance_scale} ignored: a {conditioning.name!r} model "
+                          f"trained with ucg_rate={trained_ucg_rate} has no unconditional mode; sampling with "
+                          "scale 1.0", stacklevel=2)
             guidance_scale = 1.0
-    elif cond_kind in ("sr", "inpaint", "none") and guidance_scale != 1.0:
-        raise ValueError(f"guidance_scale={guidance_scale}: conditioner.kind={cond_kind!r} has nothing to guide "
-                         "(concat inputs are never dropped in training); use 1.0")
+    elif not conditioning.guidable and guidance_scale != 1.0:
+        raise ValueError(f"guidance_scale={guidance_scale}: conditioner.kind={conditioning.name!r} has nothing to "
+                         "guide (concat inputs are never dropped in training); use 1.0")
     guidance_rescale = diffusion_cfg.guidance_rescale if guidance_rescale is None else guidance_rescale
     eta = diffusion_cfg.eta if eta is None else eta
     karras_sigmas = diffusion_cfg.karras_sigmas if karras_sigmas is None else karras_sigmas
     timestep_spacing = timestep_spacing or diffusion_cfg.timestep_spacing
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels, dtype=torch.long)
-
-    n_cond = _count(cond_kind, num_images, prompts=prompts, class_labels=class_labels, boxes=boxes,
-                    low_res=low_res, image=image)
-    prompts, class_labels, boxes, box_classes, low_res, image, mask = (
-        _repeat(v, images_per_condition) for v in (prompts, class_labels, boxes, box_classes, low_res, image, mask))
+    inputs = dict(prompts=prompts, class_labels=class_labels, boxes=boxes, box_classes=box_classes,
+                  low_res=low_res, image=image, mask=mask, **kind_inputs)
+    n_cond = _count(conditioning, num_images, inputs)
+    inputs = {k: _repeat(v, images_per_condition) if v is not None and _per_image(conditioning, k, v) else v
+              for k, v in inputs.items()}
     total = n_cond * images_per_condition
 
     factor = getattr(autoencoder, "downsample_factor", 1) if autoencoder is not None else 1
@@ -216,10 +182,10 @@ def generate(denoiser: nn.Module, autoencoder: Optional[nn.Module], text_encoder
         generators = generators_for_seeds([seeds[i] for i in index])
         x_T = randn((len(index), channels, *latent_hw), generators, device)
         conditions = build_conditions(
-            cond_kind, index, latent_hw=latent_hw, device=device, text_encoder=text_encoder,
-            autoencoder=autoencoder, denoiser=denoiser, prompts=prompts, class_labels=class_labels, boxes=boxes,
-            box_classes=box_classes, low_res=low_res, image=image, mask=mask, num_classes=num_classes,
-            need_uncond=guidance_scale != 1.0, generator=torch.Generator().manual_seed(seeds[index[0]]))
+            conditioning, index, latent_hw=latent_hw, device=device, text_encoder=text_encoder,
+            autoencoder=autoencoder, denoiser=denoiser, need_uncond=guidance_scale != 1.0,
+            generator=torch.Generator().manual_seed(seeds[index[0]]), image_hw=(height, width), **inputs)
+        blended = conditions.inpaint_mask is not None
         model_fn = guided_model_fn(denoiser, conditions.cond, conditions.uncond, guidance_scale, guidance_rescale,
                                    trained_ucg_rate=trained_ucg_rate)
         with torch.no_grad():
@@ -235,15 +201,16 @@ def generate(denoiser: nn.Module, autoencoder: Optional[nn.Module], text_encoder
         all_latents.append(latents.cpu())
         all_images.append(((pixels.clamp(-1, 1) + 1) / 2).cpu())
 
-    settings = dict(cond_kind=cond_kind, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+    settings = dict(cond_kind=conditioning.name, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                     guidance_rescale=guidance_rescale, eta=eta, karras_sigmas=karras_sigmas,
                     timestep_spacing=timestep_spacing, prediction_type=diffusion_cfg.prediction_type,
                     schedule=dict(vars(diffusion_cfg.schedule)), seed=seed, seeds=seeds, height=height,
                     width=width, latent_size=list(latent_hw), num_images=total,
                     images_per_condition=images_per_condition,
-                    prompts=list(prompts) if prompts is not None else None,
-                    class_ids=class_labels.tolist() if class_labels is not None else None,
-                    inpainting=("concat" if cond_kind == "inpaint" else "blend") if image is not None else None)
+                    prompts=list(inputs["prompts"]) if inputs["prompts"] is not None else None,
+                    class_ids=inputs["class_labels"].tolist() if inputs["class_labels"] is not None else None,
+                    inpainting=("blend" if blended else "concat") if image is not None else None,
+                    **{k: v.tolist() if isinstance(v, Tensor) else v for k, v in kind_inputs.items()})
     return Generation(torch.cat(all_images), torch.cat(all_latents), seeds, settings)
 
 
@@ -383,16 +350,23 @@ def diffusion_from_scheduler_config(path: Path, diffusion: DiffusionConfig) -> D
 
 def _denoiser_from_unet_checkpoint(path: Path, cfg: Config) -> nn.Module:
     """A bare U-Net in any format `ldmscale.models.interop` reads, wrapped as a Denoiser of cfg's kind."""
+    import dataclasses as dc
+
+    from ldmscale.conditioning import kind_for
     from ldmscale.models import Denoiser
     from ldmscale.models.interop import load_unet
 
-    kind = cfg.conditioner.kind
-    if kind == "layout":
-        raise ValueError(f"{path} is a bare U-Net, but a layout model also needs its trained layout encoder: "
-                         "pass the run directory or the exported denoiser state dict")
+    conditioning = kind_for(cfg.conditioner)
     unet = load_unet(path)
-    concat_channels = unet.in_channels - unet.out_channels
-    return Denoiser(unet, kind, None, cfg.conditioner.num_classes if kind == "class" else None, concat_channels)
+    trained = conditioning.configure_unet(dc.replace(cfg.model, in_channels=unet.in_channels,
+                                                     context_dim=unet.context_dim,
+                                                     adm_in_channels=unet.adm_in_channels), {})
+    if trained:
+        raise ValueError(f"{path} is a bare U-Net, but a {conditioning.name!r} model also needs its trained "
+                         f"{', '.join(trained)}: pass the run directory or the exported denoiser state dict")
+    num_classes = cfg.conditioner.num_classes if unet.num_classes else None
+    return Denoiser(unet, conditioning.name, None, num_classes, unet.in_channels - unet.out_channels,
+                    conditioning=conditioning)
 
 
 def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Path] = None,
@@ -404,7 +378,7 @@ def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[st
     supplies the process (scheduler config) and, unless autoencoder.weights is set, the VAE.
     """
     from ldmscale.config import apply_overrides, compose
-    from ldmscale.models import build_autoencoder, build_denoiser, build_text_encoder
+    from ldmscale.models import build_autoencoder, build_denoiser
 
     path = Path(checkpoint)
     if not path.exists():
@@ -459,7 +433,7 @@ def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[st
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # only matters for an untrained autoencoder: the same one in every call
             autoencoder = build_autoencoder(cfg.autoencoder).to(device).eval()
-    text_encoder = build_text_encoder(cfg.conditioner, device=device) if cfg.conditioner.kind == "text" else None
+    text_encoder = denoiser.conditioning.build_frozen(device)
     return LoadedModels(cfg, denoiser.to(device).eval(), autoencoder, text_encoder)
 
 
@@ -488,26 +462,14 @@ def generate_from_run(checkpoint: str | Path, prompts: Optional[Sequence[str]] =
     cfg = models.cfg
     kwargs.setdefault("height", cfg.data.resolution)
     kwargs.setdefault("width", cfg.data.resolution)
-    generation = generate(models.denoiser, models.autoencoder, models.text_encoder, cfg.conditioner.kind,
+    generation = generate(models.denoiser, models.autoencoder, models.text_encoder, models.denoiser.conditioning,
                           diffusion_cfg=cfg.diffusion, prompts=prompts, seeds=seeds, seed=seed,
-                          trained_ucg_rate=cfg.conditioner.ucg_rate,
-                          num_classes=cfg.conditioner.num_classes or None, batch_size=batch_size,
+                          trained_ucg_rate=cfg.conditioner.ucg_rate, batch_size=batch_size,
                           progress=progress, device=device, **kwargs)
     return to_pil(generation.images)
 
 
 # ---------------------------------------------------------------------------- files
-def _load_image(path: str, size: Optional[tuple[int, int]] = None, gray: bool = False) -> Tensor:
-    import numpy as np
-    from PIL import Image
-
-    img = Image.open(path).convert("L" if gray else "RGB")
-    if size is not None:
-        img = img.resize((size[1], size[0]), Image.NEAREST if gray else Image.BICUBIC)
-    array = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-    return array[None] if gray else array.permute(2, 0, 1)
-
-
 def save_outputs(generation: Generation, out_dir: str | Path, extra_settings: dict[str, Any]) -> Path:
     """grid.png, images/NNNNNN.png and settings.json under out_dir (written image by image)."""
     from torchvision.utils import make_grid
@@ -526,37 +488,19 @@ def save_outputs(generation: Generation, out_dir: str | Path, extra_settings: di
     return out
 
 
-def _parse_boxes(spec: str) -> tuple[Tensor, Tensor]:
-    """JSON (inline or a file): one list per image of [x0, y0, x1, y1, class] boxes in [0, 1]."""
-    text = Path(spec).read_text() if Path(spec).is_file() else spec
-    layouts = json.loads(text)
-    if not isinstance(layouts, list) or not all(isinstance(layout, list) for layout in layouts):
-        raise ValueError(f"--boxes must be a JSON list (one per image) of [x0, y0, x1, y1, class] lists: {spec!r}")
-    width = max(1, max(len(layout) for layout in layouts))
-    boxes = torch.zeros(len(layouts), width, 4)
-    classes = torch.full((len(layouts), width), -1, dtype=torch.long)
-    for i, layout in enumerate(layouts):
-        for j, box in enumerate(layout):
-            if len(box) != 5:
-                raise ValueError(f"--boxes image {i} box {j}: expected [x0, y0, x1, y1, class], got {box}")
-            boxes[i, j] = torch.tensor(box[:4], dtype=torch.float32)
-            classes[i, j] = int(box[4])
-    return boxes, classes
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ldmscale.sample", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="run dir, our export, LDM/SD file or diffusers folder")
     p.add_argument("--config", help="config.json/yaml of the model (default: the run dir's or beside the file)")
     p.add_argument("--override", "-o", action="append", default=[], help="config override, e.g. model=tiny")
     p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
-    p.add_argument("--prompt", action="append", help="text prompt (repeat for several)")
-    p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--class-ids", help="comma-separated class ids, e.g. 0,3,7")
-    p.add_argument("--boxes", help="JSON (or file): per image a list of [x0,y0,x1,y1,class] in [0,1]")
-    p.add_argument("--low-res", nargs="+", help="low-resolution image(s) for super-resolution")
-    p.add_argument("--image", nargs="+", help="image(s) to inpaint")
-    p.add_argument("--mask", nargs="+", help="mask image(s): white = generate")
+    from ldmscale.conditioning import KINDS
+
+    added: set[str] = set()
+    for flag, kwargs in [f for cls in KINDS.values() for f in cls.cli_flags] + list(IMAGE_FLAGS):
+        if flag not in added:  # each kind's sampling inputs; flags shared by kinds are declared identically
+            p.add_argument(flag, **kwargs)
+            added.add(flag)
     p.add_argument("--num-images", type=int, help="images per condition (unconditional: total)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m", "euler", "euler_a"])
     p.add_argument("--steps", type=int)
@@ -580,34 +524,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     started = time.time()
     models = load_models(args.checkpoint, ema=not args.raw, config=args.config, overrides=args.override,
                          device=args.device)
-    cfg, kind = models.cfg, models.cfg.conditioner.kind
+    cfg, conditioning = models.cfg, models.denoiser.conditioning
     height = args.height or cfg.data.resolution
     width = args.width or cfg.data.resolution
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    boxes = box_classes = low_res = image = mask = None
-    if args.boxes:
-        boxes, box_classes = _parse_boxes(args.boxes)
-    if args.low_res:
-        low_res = torch.stack([_load_image(p) for p in args.low_res]) * 2 - 1
-    if args.image or args.mask:
-        if not (args.image and args.mask) or len(args.image) != len(args.mask):
-            raise SystemExit("--image and --mask need the same number of files")
-        image = torch.stack([_load_image(p, (height, width)) for p in args.image]) * 2 - 1
-        mask = (torch.stack([_load_image(p, (height, width), gray=True) for p in args.mask]) > 0.5).float()
-    class_ids = [int(c) for c in args.class_ids.split(",")] if args.class_ids else None
-    unconditional = kind == "none" and image is None
+    inputs = {**conditioning.cli_inputs(args, height, width), **image_inputs(args, height, width)}
+    unconditional = not conditioning.sampling_inputs and "image" not in inputs
     generation = generate(
-        models.denoiser, models.autoencoder, models.text_encoder, kind, diffusion_cfg=cfg.diffusion,
-        prompts=prompts or None, class_labels=class_ids, boxes=boxes, box_classes=box_classes, low_res=low_res,
-        image=image, mask=mask, num_images=args.num_images if unconditional else None,
+        models.denoiser, models.autoencoder, models.text_encoder, conditioning, diffusion_cfg=cfg.diffusion,
+        num_images=args.num_images if unconditional else None,
         images_per_condition=1 if unconditional else (args.num_images or 1), seed=args.seed, height=height,
         width=width, sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance,
         guidance_rescale=args.guidance_rescale, eta=args.eta, karras_sigmas=args.karras,
-        timestep_spacing=args.spacing, trained_ucg_rate=cfg.conditioner.ucg_rate,
-        num_classes=cfg.conditioner.num_classes or None, batch_size=args.batch_size,
-        progress=not args.no_progress, device=args.device)
+        timestep_spacing=args.spacing, trained_ucg_rate=cfg.conditioner.ucg_rate, batch_size=args.batch_size,
+        progress=not args.no_progress, device=args.device, **inputs)
     out = save_outputs(generation, args.out, dict(checkpoint=str(args.checkpoint), weights="raw" if args.raw else "ema",
                                                   config=args.config, overrides=args.override,
                                                   seconds=round(time.time() - started, 3)))
