@@ -7,6 +7,7 @@ Layout under `checkpoint.dir` (default RUN_DIR/checkpoints):
     step_00000100/meta.json         written last by rank 0: step, world size, ZeRO stage, resolved config,
                                     and the size and CRC-32 of every other file (read back from disk)
     latest                          the tag of the newest COMPLETE checkpoint (atomic rename)
+    ema_snapshots/                  ema.kind=power: fp16 EMA snapshots (ema.py); retention leaves them
 
 Every file is loaded as data (torch.load weights_only=True; DeepSpeed's few plain classes are allow-listed in
 distributed/engine.py): a run directory from someone else never executes code. A checkpoint is verified
@@ -154,7 +155,7 @@ SAVE_REQUEST = SaveRequest()
 
 # ---------------------------------------------------------------------------- integrity
 def file_checksum(path: str | Path, *, sync: bool = False) -> dict[str, int]:
-    """Size and CRC-32 of a file as it is on disk (zlib's CRC-32 streams at GB/s; the files are GBs)."""
+    """Size and CRC-32 of a file as it is on disk (zlib's CRC-32: about twice sha256's speed; the files are GBs)."""
     crc, size = 0, 0
     with open(path, "rb") as f:
         if sync:  # the bytes checksummed are the bytes a crash leaves behind
@@ -483,6 +484,20 @@ def load_run_weights(run_dir: str | Path, *, ema: bool = True, engine: str = "de
         partitions = [_ema_state(load_data(f), engine, f) for f in files]
         state = {**state, **assemble_partitions(partitions, {k: v.shape for k, v in state.items()})}
     return state, meta
+
+
+def write_weights_export(state: dict[str, torch.Tensor], out: str | Path, *, weights: str, step: int,
+                         source: str | Path, config: dict[str, Any]) -> Path:
+    """The flat safetensors export that sampling, evaluation and checkpoint.load_weights_only read: a
+    Denoiser state dict, with metadata naming the weights (ema, raw, ...), the step, the run and its config."""
+    from ldmscale.models.interop import save_tensors  # not 0600, as safetensors' own save_file writes
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"weights": weights, "step": str(step), "source": str(Path(source).resolve()),
+            "config": json.dumps(config, default=str)}
+    save_tensors({k: v.contiguous() for k, v in state.items()}, out, metadata=info)
+    return out
 
 
 class RunModels(NamedTuple):

@@ -202,6 +202,9 @@ class DataConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     shuffle_buffer: int = 1000  # online path only: samples shuffled in a streaming buffer
+    # cached path: samples are shuffled within windows of this many shards (after a shard permutation);
+    # bigger = closer to a global shuffle, but more index memory and open files per worker (README)
+    shuffle_window: int = 64
     samples_per_epoch: int = 0  # online path: samples per epoch over all ranks (0: one pass, 1 rank only)
     # Raw-image limits (cache job and online path), read from the header before any pixel is decoded:
     min_size: Optional[int] = None  # short side below this: "too_small"; None: a quarter of resolution; 0: off
@@ -318,11 +321,19 @@ class CheckpointConfig:
 
 @dataclass
 class EMAConfig:
-    """Exponential moving average of the trained weights."""
+    """Moving average of the trained weights: exponential, or EDM2's power function (length chosen post hoc)."""
 
     enabled: bool = True
-    decay: float = 0.999
-    start_step: int = 0
+    kind: str = "exponential"  # exponential | power (EDM2: tools/posthoc_ema.py picks σ_rel after training)
+    decay: float = 0.999  # exponential only
+    start_step: int = 0  # exponential only: before it the EMA copies the weights
+    # power only: one tracked profile per relative width σ_rel (EDM2's pair); the first is the live EMA
+    # (sample grids, export, eval). Snapshots of all profiles every snapshot_every_steps (and at the last
+    # step) go to checkpoint.dir/ema_snapshots as fp16 safetensors; 0 = none (no post-hoc EMA).
+    sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    snapshot_every_steps: int = 1000
+    # power only: the σ_rel values the demo (stage=demo) reconstructs after stage 2 and evaluates each of
+    posthoc_sigma_rels: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.2])
 
 
 @dataclass
@@ -341,6 +352,8 @@ class CacheConfig:
     # tower(s) in the training process (see README, "Text in the cache")
     text: str = "embeddings"
     max_failure_rate: float = 0.05  # skipped/read above this → the job exits non-zero
+    # a stream (pipe:, URL) that delivers no byte for this long is killed; its shard stays incomplete
+    read_timeout_s: float = 600.0
     progress: bool = True
 
 
@@ -411,6 +424,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "deepspeed.backend": ("auto", "nccl", "gloo"),
     "logger.wandb_mode": ("offline", "online", "disabled"),
     "launcher.kind": ("local", "slurm"),
+    "ema.kind": ("exponential", "power"),
     "model.attention_backend": ("sdpa", "xformers", "math"),
 }
 
@@ -439,6 +453,9 @@ def validate(cfg: Config) -> Config:
                 "launcher.array_parallelism", "launcher.shards_per_task"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("data.shuffle_window", "cache.read_timeout_s"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
     for key in ("launcher.gpus_per_node", "launcher.tasks_per_node", "launcher.mem_gb",
                 "launcher.signal_delay_s", "launcher.max_num_timeout"):
         if _get(cfg, key) < 0:
@@ -453,12 +470,25 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.max_aspect_ratio={cfg.data.max_aspect_ratio} must be >= 1 (or 0: no limit)")
     if not all(0 <= b < 1 for b in cfg.optim.betas) or len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
+    _validate_ema(cfg.ema)
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
             f"data.micro_batch_size={cfg.data.micro_batch_size}"
         )
     return cfg
+
+
+def _validate_ema(ema: EMAConfig) -> None:
+    if ema.snapshot_every_steps < 0:
+        raise ConfigError(f"ema.snapshot_every_steps={ema.snapshot_every_steps} must be >= 0 (0: no snapshots)")
+    if ema.kind == "power" and not ema.sigma_rels:
+        raise ConfigError("ema.sigma_rels is empty: ema.kind=power tracks one profile per σ_rel")
+    limit = (1 / 12) ** 0.5  # σ_rel of the flattest profile (γ → 0)
+    for key in ("ema.sigma_rels", "ema.posthoc_sigma_rels"):
+        for value in getattr(ema, key.split(".")[1]):
+            if not 0 < value < limit:
+                raise ConfigError(f"{key} holds {value}: every σ_rel must lie in (0, {limit:.4f})")
 
 
 def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
@@ -484,13 +514,7 @@ def check_paths(cfg: Config) -> None:
     import os
 
     for key in ("run_dir", "checkpoint.dir"):
-        path = Path(_get(cfg, key))
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"{key}={str(path)!r} is a file, not a folder")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"{key}={str(path)!r} cannot be created: {err.strerror or err}") from None
+        path = Path(creatable_dir(str(_get(cfg, key)), key))
         if not os.access(path, os.W_OK):
             raise ConfigError(f"{key}={str(path)!r} is not writable")
     for i, url in enumerate(cfg.data.train_shards):
@@ -539,6 +563,21 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="ldmscale_schema", node=Config)
     if not OmegaConf.has_resolver("ldmscale.run_dir"):
         OmegaConf.register_new_resolver("ldmscale.run_dir", default_run_dir)
+    if not OmegaConf.has_resolver("ldmscale.creatable"):
+        OmegaConf.register_new_resolver("ldmscale.creatable", creatable_dir)
+
+
+def creatable_dir(path: str, key: str = "run_dir") -> str:
+    """`path` unchanged if it is (or can be made) a folder; else a ConfigError naming `key`. Hydra makes
+    hydra.run.dir (= run_dir) before any of our code runs, so the check sits in that interpolation."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key}={path!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}={path!r} cannot be created: {err.strerror or err}") from None
+    return path
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:

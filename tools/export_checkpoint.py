@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ldmscale.checkpoint import load_run_models, load_run_weights  # noqa: E402
+from ldmscale.checkpoint import load_run_models, load_run_weights, write_weights_export  # noqa: E402
 from ldmscale.config import to_dict  # noqa: E402
 from ldmscale.sample import DENOISER_EXTRAS, RUN_CONFIG  # noqa: E402
 
@@ -37,12 +37,9 @@ def export(run_dir: str | Path, out: str | Path, *, ema: bool = True, format: st
     out = Path(out)
     if format == "safetensors":
         state, meta = load_run_weights(run_dir, ema=ema, tag=tag)
-        out.parent.mkdir(parents=True, exist_ok=True)
         # The run's resolved config travels in the metadata: `python -m ldmscale.sample` needs no --config.
-        info = {"weights": "ema" if ema else "raw", "step": str(meta["step"]), "source": str(Path(run_dir).resolve()),
-                "config": json.dumps(meta.get("config", {}), default=str)}
-        save_tensors({k: v.contiguous() for k, v in state.items()}, out, metadata=info)
-        return out
+        return write_weights_export(state, out, weights="ema" if ema else "raw", step=meta["step"],
+                                    source=run_dir, config=meta.get("config", {}))
     if format not in FORMATS:
         raise ValueError(f"--format {format!r} is not one of {list(FORMATS)}")
     from ldmscale.models import save_autoencoder, save_unet
