@@ -490,13 +490,13 @@ def write_weights_export(state: dict[str, torch.Tensor], out: str | Path, *, wei
                          source: str | Path, config: dict[str, Any]) -> Path:
     """The flat safetensors export that sampling, evaluation and checkpoint.load_weights_only read: a
     Denoiser state dict, with metadata naming the weights (ema, raw, ...), the step, the run and its config."""
-    from safetensors.torch import save_file
+    from ldmscale.models.interop import save_tensors  # not 0600, as safetensors' own save_file writes
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"weights": weights, "step": str(step), "source": str(Path(source).resolve()),
             "config": json.dumps(config, default=str)}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=info)
+    save_tensors({k: v.contiguous() for k, v in state.items()}, out, metadata=info)
     return out
 
 
@@ -526,9 +526,12 @@ def build_run_models(cfg: Config, device: torch.device | str = "cpu") -> RunMode
 
 
 def load_run_models(run_dir: str | Path, ema: bool = True, *, tag: str | None = None,
-                    device: torch.device | str = "cpu") -> RunModels:
-    """A stage-2 run directory → (config, denoiser with EMA or raw weights, autoencoder, text encoder)."""
-    cfg = read_run_config(run_dir)
+                    device: torch.device | str = "cpu", overrides: list[str] | None = None) -> RunModels:
+    """A stage-2 run directory → (config, denoiser with EMA or raw weights, autoencoder, text encoder).
+    `overrides` (key.path=value) change the run's config first, e.g. autoencoder.weights=ANOTHER."""
+    from ldmscale.config import apply_overrides
+
+    cfg = apply_overrides(read_run_config(run_dir), list(overrides or []))
     state, _ = load_run_weights(run_dir, ema=ema, tag=tag)
     models = build_run_models(cfg, device)
     missing, unexpected = models.denoiser.load_state_dict(state, strict=False)

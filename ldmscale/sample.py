@@ -234,7 +234,34 @@ def _read_config(path: Path) -> Config:
     return to_object(OmegaConf.create(raw))
 
 
-def load_run_dir(run_dir: Path, ema: bool = True) -> LoadedModels:
+RUN_CONFIG = "run_config.json"  # beside a `--format ldmscale` export: the run's resolved config
+DENOISER_EXTRAS = "denoiser_extras.safetensors"  # beside it too: trainable parts outside the U-Net (layout)
+
+
+def config_of_export(path: Path) -> Optional[Config]:
+    """The training config an export carries: a flat .safetensors' metadata, or RUN_CONFIG in our folder."""
+    from omegaconf import OmegaConf
+
+    from ldmscale.config import to_object
+
+    raw = None
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get("config")
+        raw = json.loads(text) if text else None
+    elif (path / RUN_CONFIG).is_file():
+        raw = json.loads((path / RUN_CONFIG).read_text())
+    if not raw:
+        return None
+    cfg = to_object(OmegaConf.create(raw))
+    if path.is_dir() and (path / "autoencoder").is_dir():  # exported --with-autoencoder: use that copy
+        cfg.autoencoder = dataclasses.replace(cfg.autoencoder, weights=str(path / "autoencoder"))
+    return cfg
+
+
+def load_run_dir(run_dir: Path, ema: bool = True, overrides: Sequence[str] = ()) -> LoadedModels:
     """THE hook for training run directories: config + consolidated (EMA or raw) denoiser + encoders.
 
     1. run_dir/export/denoiser_ema.safetensors (denoiser.safetensors for raw weights), if exported there
@@ -251,11 +278,12 @@ def load_run_dir(run_dir: Path, ema: bool = True) -> LoadedModels:
                 f"{run_dir} has no exported weights {weights}, and this ldmscale has no "
                 "ldmscale.checkpoint.load_run_models to consolidate its checkpoint; export the run "
                 f"(tools/export_checkpoint.py {run_dir} --out {weights})") from err
-        cfg, denoiser, autoencoder, text_encoder = load_run_models(run_dir, ema=ema)
+        cfg, denoiser, autoencoder, text_encoder = load_run_models(run_dir, ema=ema, overrides=list(overrides))
         return LoadedModels(cfg, denoiser, autoencoder, text_encoder)
+    from ldmscale.config import apply_overrides
     from ldmscale.models import build_denoiser
 
-    cfg = _read_config(run_dir / "config.json")
+    cfg = apply_overrides(_read_config(run_dir / "config.json"), list(overrides))
     denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
     _load_state(denoiser, weights, ema)
     return LoadedModels(cfg, denoiser, None, None)
@@ -349,7 +377,7 @@ def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[st
     composing `overrides` (as `python -m ldmscale.train OVERRIDES` would). A diffusers pipeline folder also
     supplies the process (scheduler config) and, unless autoencoder.weights is set, the VAE.
     """
-    from ldmscale.config import compose
+    from ldmscale.config import apply_overrides, compose
     from ldmscale.models import build_autoencoder, build_denoiser
 
     path = Path(checkpoint)
@@ -357,7 +385,7 @@ def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[st
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     pipeline_vae: Optional[str] = None
     if is_run_dir(path) and config is None:
-        loaded = load_run_dir(path, ema)
+        loaded = load_run_dir(path, ema, overrides)
         cfg, denoiser = loaded.cfg, loaded.denoiser
         if loaded.autoencoder is not None:
             text_encoder = loaded.text_encoder
@@ -366,16 +394,25 @@ def load_models(checkpoint: str | Path, *, ema: bool = True, config: Optional[st
             return LoadedModels(cfg, denoiser.to(device).eval(), loaded.autoencoder.to(device).eval(),
                                 text_encoder)
     else:
-        if config is not None:
-            cfg = _read_config(Path(config))
-        elif path.is_file() and is_run_dir(path.parent):
-            cfg = _read_config(path.parent / "config.json")
-        else:
-            cfg = compose(list(overrides))
+        # The model's own config (given, beside the weights, or carried by the export), then -o settings;
+        # only a bare checkpoint is described by composing the overrides as `ldmscale.train` would.
+        own = (_read_config(Path(config)) if config is not None
+               else _read_config(path.parent / "config.json") if path.is_file() and is_run_dir(path.parent)
+               else config_of_export(path))
+        cfg = apply_overrides(own, list(overrides)) if own is not None else compose(list(overrides))
         if path.is_file() and path.suffix in (".safetensors", ".pt", ".pth") and \
                 any(key.startswith("unet.") for key in _read_state(path, ema)):
             denoiser = build_denoiser(cfg.model, cfg.conditioner)  # our consolidated Denoiser export
             _load_state(denoiser, path, ema)
+        elif path.is_dir() and (path / RUN_CONFIG).is_file():  # our folder export: U-Net + extras (layout)
+            from ldmscale.models.interop import load_unet_weights
+
+            denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
+            load_unet_weights(denoiser.unet, path)
+            if (path / DENOISER_EXTRAS).is_file():
+                unexpected = denoiser.load_state_dict(_read_state(path / DENOISER_EXTRAS, ema), strict=False)[1]
+                if unexpected:
+                    raise ValueError(f"{path / DENOISER_EXTRAS}: {unexpected[:5]} do not fit the configured denoiser")
         else:
             denoiser = _denoiser_from_unet_checkpoint(path, cfg)
         if path.is_dir():
