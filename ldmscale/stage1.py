@@ -280,8 +280,8 @@ class AutoencoderTask:
         _all_reduce_sum(sums)
         metrics: dict[str, Any] = {"eval/psnr": float(sums[0] / sums[2]), "eval/ssim": float(sums[1] / sums[2])}
         if inception is not None:  # rFID: held-out images vs their reconstructions (a few thousand for stable values)
-            for t in real_stats.tensors + fake_stats.tensors:
-                _all_reduce_sum(t)
+            real_stats.all_reduce()
+            fake_stats.all_reduce()
             metrics["eval/rfid"] = evaluation.frechet_distance(*real_stats.mean_cov(), *fake_stats.mean_cov())
         if n_embed:
             _all_reduce_sum(code_counts)
@@ -293,11 +293,13 @@ class AutoencoderTask:
         return {"metrics": metrics, "grid_path": grid_path}
 
     def _inception(self) -> Optional[evaluation.InceptionFeatures]:
-        """The rFID network, built once, when ae_loss.inception_weights names a file."""
-        if not self.cfg.ae_loss.inception_weights:
+        """The rFID network (pytorch-fid's, as stage 2's FID), built once, when eval.inception_weights names a
+        file or pytorch-fid's cache holds its weights."""
+        weights = evaluation.resolve_inception_weights(self.cfg.eval.inception_weights)
+        if weights is None:
             return None
         if self._inception_net is None:
-            self._inception_net = evaluation.InceptionFeatures(self.cfg.ae_loss.inception_weights).to(self.device)
+            self._inception_net = evaluation.InceptionFeatures(weights).to(self.device)
         return self._inception_net
 
     def reconstruct(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

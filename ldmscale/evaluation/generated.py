@@ -1,0 +1,103 @@
+"""FID and CLIP score of generated images, split over ranks: image i (seed `eval.seed + i`) is made by rank
+i mod world_size, and feature sums all-reduce, so any number of ranks gives the single-rank numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+
+from ldmscale.config import EvalConfig
+from ldmscale.evaluation.clip_score import TINY_CLIP_MODEL, CLIPScorer
+from ldmscale.evaluation.fid import (
+    FeatureStats,
+    InceptionFeatures,
+    frechet_distance,
+    load_stats,
+    resolve_inception_weights,
+)
+
+# images_of(indices) → pixels [len(indices), 3, H, W] in [-1, 1] of those evaluation images
+ImagesOf = Callable[[list[int]], torch.Tensor]
+
+
+def eval_prompts(cfg: EvalConfig, fallback: Sequence[str] = ()) -> list[str]:
+    """The fixed prompt set: eval.prompts_file, else eval.prompts, else `fallback` (trainer.sample_prompts)."""
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"eval.prompts_file={cfg.prompts_file!r}: no such file (one prompt a line)")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        prompts = list(cfg.prompts) or list(fallback)
+    if not prompts:
+        raise ValueError("eval.prompts (or eval.prompts_file) is empty: a text model needs prompts to evaluate")
+    return prompts
+
+
+def condition_inputs(kind: str, indices: Sequence[int], *, prompts: Sequence[str] = (),
+                     num_classes: int = 0) -> dict[str, Any]:
+    """The generation inputs of evaluation images `indices`: prompt i mod P, class i mod num_classes."""
+    if kind == "text":
+        return {"prompts": [prompts[i % len(prompts)] for i in indices]}
+    if kind == "class":
+        return {"class_labels": [i % max(1, num_classes) for i in indices]}
+    if kind == "none":
+        return {"num_images": len(indices)}
+    raise ValueError(f"conditioner.kind={kind!r}: FID/CLIP evaluation of generated images needs no per-image "
+                     "inputs (text, class or none); evaluate sr/inpaint/layout models on held-out inputs")
+
+
+def _rank_world() -> tuple[int, int]:
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+class SampleEvaluator:
+    """The networks and reference statistics of one evaluation setup (built once, reused every time)."""
+
+    def __init__(self, cfg: EvalConfig, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        weights = resolve_inception_weights(cfg.inception_weights)
+        self.inception = InceptionFeatures(weights).to(device) if weights is not None else None
+        self.reference = load_stats(cfg.reference_stats) if cfg.reference_stats else None
+        use_clip = bool(cfg.clip_weights) or cfg.clip_model == TINY_CLIP_MODEL
+        self.clip = CLIPScorer(cfg.clip_model, cfg.clip_weights).to(device) if use_clip else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.inception is not None or self.clip is not None
+
+    def evaluate(self, images_of: ImagesOf, num_images: int, *, prompts: Optional[Sequence[str]] = None,
+                 batch_size: Optional[int] = None) -> dict[str, Any]:
+        """Collective over all ranks. `prompts[i]` is image i's prompt (CLIP score only with prompts).
+
+        Returns {"num_images", "fid" (with reference stats), "clip_score" (with prompts and a CLIP model),
+        "stats": FeatureStats of the generated images (when the Inception is available)}."""
+        rank, world = _rank_world()
+        batch_size = batch_size or self.cfg.batch_size
+        stats = FeatureStats() if self.inception is not None else None
+        clip_sums = torch.zeros(2, dtype=torch.float64)  # Σ score, count
+        mine = list(range(rank, num_images, world))
+        for lo in range(0, len(mine), batch_size):
+            indices = mine[lo:lo + batch_size]
+            pixels = images_of(indices)
+            if stats is not None:
+                stats.update(self.inception(pixels))
+            if self.clip is not None and prompts is not None:
+                scores = self.clip(pixels, [prompts[i] for i in indices]).cpu()
+                clip_sums += torch.stack([scores.sum(), torch.tensor(float(len(indices)), dtype=torch.float64)])
+        out: dict[str, Any] = {"num_images": num_images}
+        if stats is not None:
+            out["stats"] = stats.all_reduce()
+            if self.reference is not None:
+                out["fid"] = frechet_distance(*stats.mean_cov(), *self.reference)
+        if self.clip is not None and prompts is not None:
+            if world > 1:
+                tdist.all_reduce(clip_sums)
+            out["clip_score"] = float(clip_sums[0] / clip_sums[1].clamp_min(1))
+        return out
