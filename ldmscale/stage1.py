@@ -240,6 +240,9 @@ class AutoencoderTask:
         caption = f"top: input, bottom: reconstruction (PSNR {metrics['eval/psnr']:.2f} dB)"
         return [(result["grid_path"], caption)]
 
+    def evaluate_samples(self, step: int) -> dict[str, float]:
+        return {}  # stage 1's rFID comes with its reconstruction grids (sample)
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, out_dir: str | Path | None = None, tag: str = "") -> dict[str, Any]:

@@ -37,6 +37,10 @@ class Task(Protocol):
         """Collective; writes sample grids and returns [(png path, caption)] (empty on non-main ranks)."""
         ...
 
+    def evaluate_samples(self, step: int) -> dict[str, float]:
+        """Collective; sample-quality metrics (FID, CLIP score) of the current weights, the same on all ranks."""
+        ...
+
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses."""
@@ -48,7 +52,8 @@ class Trainer:
     def __init__(self, task: Task, loader: Iterable[dict[str, Any]], cfg: TrainerConfig, *,
                  checkpointer: ckpt.Checkpointer, logger: NullLogger | None = None,
                  accumulation_steps: int = 1, world_size: int = 1, run_dir: str | Path = ".",
-                 meta: dict[str, Any] | None = None, flops_per_image: float = 0.0, peak_flops: float = 1e12):
+                 meta: dict[str, Any] | None = None, flops_per_image: float = 0.0, peak_flops: float = 1e12,
+                 eval_every_steps: int = 0):
         self.task, self.loader, self.cfg = task, loader, cfg
         self.checkpointer = checkpointer
         self.logger = logger or NullLogger()
@@ -56,6 +61,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.meta = meta or {}
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
+        self.eval_every_steps = eval_every_steps
         self.step = 0
         self.images_seen = 0
         self.epoch = 0
@@ -73,6 +79,7 @@ class Trainer:
             out = self.train_one_step()
             self.maybe_log(out)
             self.maybe_sample()
+            self.maybe_evaluate()
             save, stop = self.checkpointer.request.agreed()
             self.maybe_checkpoint(requested=save)
             if stop or self.check_nonfinite(out):
@@ -130,6 +137,13 @@ class Trainer:
         if every and self.step % every == 0:
             for path, caption in self.task.sample(self.step, self.run_dir / "samples"):
                 self.logger.log_image(self.step, "samples", path, caption)
+
+    def maybe_evaluate(self) -> None:
+        every = self.eval_every_steps
+        if every and self.step % every == 0:
+            metrics = self.task.evaluate_samples(self.step)
+            if metrics:
+                self.logger.log(self.step, metrics)
 
     def maybe_checkpoint(self, requested: bool = False) -> None:
         if requested or self.checkpointer.should_save(self.step):
@@ -260,6 +274,9 @@ class EngineTask:
     def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
         return []
 
+    def evaluate_samples(self, step: int) -> dict[str, float]:
+        return {}
+
 
 def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     if not torch.is_tensor(value):
@@ -275,11 +292,13 @@ class DiffusionTask(EngineTask):
     name = "denoiser"
 
     def __init__(self, engine: Any, objective: Any, ema: Any | None, *, cond_kind: str, ucg_rate: float,
-                 num_classes: int | None = None, seed: int, rank: int, sampler: Any | None = None):
+                 num_classes: int | None = None, seed: int, rank: int, sampler: Any | None = None,
+                 evaluator: Any | None = None):
         super().__init__(engine, ema, seed=seed, rank=rank)
         self.objective = objective
         self.cond_kind, self.ucg_rate, self.num_classes = cond_kind, ucg_rate, num_classes
         self.sampler = sampler  # builds EMA sample grids (SampleGrid)
+        self.evaluator = evaluator  # FID / CLIP score of the EMA weights (evaluation.LoopEvaluation)
 
     def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         """The engine in its compute dtype; the objective sees float32."""
@@ -300,6 +319,11 @@ class DiffusionTask(EngineTask):
         if self.sampler is None or self.ema is None:
             return []
         return self.sampler(self.ema, step, out_dir)
+
+    def evaluate_samples(self, step: int) -> dict[str, float]:
+        if self.evaluator is None or self.ema is None:
+            return {}
+        return self.evaluator(self.ema, step)
 
 
 class SampleGrid:

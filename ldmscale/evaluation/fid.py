@@ -93,6 +93,8 @@ class InceptionFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(pixels).all():
+            raise ValueError("FID: the images contain NaN/inf (a diverged model or sampler?)")
         return self.net(quantize(pixels.to(self.device)))[0].flatten(1).double()  # [B, 2048]
 
 
@@ -184,14 +186,25 @@ def load_stats(path: str | Path, key: str = "eval.reference_stats") -> tuple[tor
         return torch.from_numpy(data["mu"]).double(), torch.from_numpy(data["sigma"]).double()
 
 
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric PSD matrix. LAPACK's eigh can fail to converge on the heavily repeated
+    zero eigenvalues of a covariance of few images; the SVD of a PSD matrix is the same decomposition."""
+    sym = (matrix + matrix.T) / 2
+    try:
+        vals, vecs = torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        vecs, vals, _ = torch.linalg.svd(sym)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
 def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
-    """‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), with tr((Σ1Σ2)^½) = Σ√λ(Σ1^½ Σ2 Σ1^½).
+    """‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), with tr((Σ1Σ2)^½) = Σ√σ(Σ1^½ Σ2 Σ1^½) (a PSD matrix: its
+    singular values are its eigenvalues).
 
     The same quantity as pytorch-fid's `calculate_frechet_distance` (scipy's sqrtm of Σ1Σ2), through
-    symmetric eigendecompositions in float64: stable when Σ is singular (fewer images than 2048)."""
+    symmetric decompositions in float64: stable when Σ is singular (fewer images than 2048)."""
     mu1, mu2, cov1, cov2 = (torch.as_tensor(t).double() for t in (mu1, mu2, cov1, cov2))
-    vals, vecs = torch.linalg.eigh((cov1 + cov1.T) / 2)
-    root1 = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+    root1 = _psd_sqrt(cov1)
     middle = root1 @ cov2 @ root1
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    trace_sqrt = torch.linalg.svdvals((middle + middle.T) / 2).sqrt().sum()
     return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt)

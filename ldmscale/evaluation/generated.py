@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as tdist
 
-from ldmscale.config import EvalConfig
+from ldmscale.config import Config, EvalConfig
 from ldmscale.evaluation.clip_score import TINY_CLIP_MODEL, CLIPScorer
 from ldmscale.evaluation.fid import (
     FeatureStats,
@@ -101,3 +101,57 @@ class SampleEvaluator:
                 tdist.all_reduce(clip_sums)
             out["clip_score"] = float(clip_sums[0] / clip_sums[1].clamp_min(1))
         return out
+
+
+def model_images(models: Any, cfg: Config, prompts: Sequence[str] = ()) -> ImagesOf:
+    """images_of for a stage-2 model: image i has seed eval.seed + i and condition i (condition_inputs)."""
+    from ldmscale.sample import generate
+
+    kind, resolution = cfg.conditioner.kind, cfg.data.resolution
+
+    def images_of(indices: list[int]) -> torch.Tensor:
+        inputs = condition_inputs(kind, indices, prompts=prompts, num_classes=cfg.conditioner.num_classes)
+        generation = generate(models.denoiser, models.autoencoder, models.text_encoder, kind,
+                              diffusion_cfg=cfg.diffusion, seeds=[cfg.eval.seed + i for i in indices],
+                              height=resolution, width=resolution, num_steps=cfg.eval.num_steps or None,
+                              trained_ucg_rate=cfg.conditioner.ucg_rate,
+                              num_classes=cfg.conditioner.num_classes or None, batch_size=len(indices),
+                              progress=False, **inputs)
+        return generation.images * 2 - 1
+
+    return images_of
+
+
+def evaluate_models(models: Any, cfg: Config, evaluator: SampleEvaluator,
+                    num_images: Optional[int] = None) -> dict[str, Any]:
+    """Collective: FID / CLIP score of `num_images` (default eval.num_images) images from `models`."""
+    kind = cfg.conditioner.kind
+    prompts = eval_prompts(cfg.eval, cfg.trainer.sample_prompts) if kind == "text" else []
+    num_images = num_images or cfg.eval.num_images
+    per_image = [prompts[i % len(prompts)] for i in range(num_images)] if prompts else None
+    return evaluator.evaluate(model_images(models, cfg, prompts), num_images, prompts=per_image)
+
+
+class LoopEvaluation:
+    """In-loop evaluation of the EMA weights every eval.every_steps, on all ranks (metrics eval/fid,
+    eval/clip_score); the networks and reference statistics are built on first use."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._models: Any = None
+        self._evaluator: Optional[SampleEvaluator] = None
+
+    def __call__(self, ema: Any, step: int) -> dict[str, float]:
+        from ldmscale.checkpoint import build_run_models
+
+        weights = ema.full_state_dict()  # collective: every rank gets the full EMA weights
+        if self._models is None:
+            device = next(iter(weights.values())).device
+            self._models = build_run_models(self.cfg, device=device)
+            self._evaluator = SampleEvaluator(self.cfg.eval, device)
+        assert self._evaluator is not None
+        if not self._evaluator.enabled:
+            return {}
+        self._models.denoiser.load_state_dict(weights, strict=False)  # trainable parameters; buffers as built
+        result = evaluate_models(self._models, self.cfg, self._evaluator)
+        return {f"eval/{k}": v for k, v in result.items() if k in ("fid", "clip_score")}
