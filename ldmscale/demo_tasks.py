@@ -44,6 +44,8 @@ class TaskEvaluator:
     def __init__(self, cfg: Config, models: Any, batch_size: int):
         self.cfg, self.models, self.batch_size = cfg, models, batch_size
         self.count = len(synthetic.eval_prompts()) * cfg.pipeline.eval_seeds_per_prompt
+        self.images: torch.Tensor | None = None  # every generated image [N,3,H,W] in [0,1], for FID / CLIP
+        self.prompts: list[str] | None = None  # their prompts (text task), for the CLIP score
 
     def generate(self, **inputs: Any) -> torch.Tensor:
         from ldmscale.sample import generate
@@ -51,10 +53,13 @@ class TaskEvaluator:
         m, cfg = self.models, self.cfg
         if cfg.conditioner.kind in ("none", "sr", "inpaint"):  # nothing to guide: these never drop a condition
             inputs.setdefault("guidance_scale", 1.0)
-        return generate(m.denoiser, m.autoencoder, m.text_encoder, cfg.conditioner.kind, diffusion_cfg=cfg.diffusion,
-                        seeds=list(range(self.count)), height=cfg.data.resolution, width=cfg.data.resolution,
-                        trained_ucg_rate=cfg.conditioner.ucg_rate, num_classes=cfg.conditioner.num_classes or None,
-                        batch_size=self.batch_size, **inputs).images
+        self.images = generate(m.denoiser, m.autoencoder, m.text_encoder, cfg.conditioner.kind,
+                               diffusion_cfg=cfg.diffusion, seeds=list(range(self.count)), height=cfg.data.resolution,
+                               width=cfg.data.resolution, trained_ucg_rate=cfg.conditioner.ucg_rate,
+                               num_classes=cfg.conditioner.num_classes or None, batch_size=self.batch_size,
+                               **inputs).images
+        self.prompts = list(inputs["prompts"]) if "prompts" in inputs else None
+        return self.images
 
     def run(self) -> tuple[dict[str, Any], str, list[torch.Tensor]]:
         return getattr(self, f"eval_{self.cfg.conditioner.kind}")()

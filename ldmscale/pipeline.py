@@ -131,13 +131,35 @@ class Pipeline:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         models = load_models(self.unet_dir, ema=True, device=device)
-        scores, summary, rows = TaskEvaluator(models.cfg, models, self.cfg.pipeline.eval_batch_size).run()
+        evaluator = TaskEvaluator(models.cfg, models, self.cfg.pipeline.eval_batch_size)
+        scores, summary, rows = evaluator.run()
+        quality = self.sample_quality(evaluator.images, evaluator.prompts, device)
+        if quality:
+            summary += "; " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items())
         grid_path = self.root / "samples.png"
         save_grid([im for row in rows for im in row], grid_path, columns=GRID_COLUMNS)
-        scores = {"task": models.cfg.conditioner.kind, **scores, "grid": str(grid_path)}
+        scores = {"task": models.cfg.conditioner.kind, **scores, **quality, "grid": str(grid_path)}
         (self.root / "eval.json").write_text(json.dumps(scores, indent=2))
         print(f"[demo] {summary}", flush=True)
         return scores
+
+    def sample_quality(self, images: torch.Tensor, prompts: list[str] | None, device: str) -> dict[str, float]:
+        """FID of the evaluation images against the held-out images (data/val) and the CLIP score of the text
+        task's, when eval.inception_weights / eval.clip_weights (or the tiny CLIP) are set; else nothing."""
+        from ldmscale.evaluation import save_stats
+        from ldmscale.evaluation.generated import SampleEvaluator
+        from ldmscale.evaluation.reference import reference_statistics
+
+        quality = SampleEvaluator(self.cfg.eval, device)
+        if not quality.enabled:
+            return {}
+        if quality.inception is not None and quality.reference is None:
+            stats = reference_statistics([str(self.val_dir / "*.tar")], self.cfg.data.resolution, quality.inception)
+            quality.reference = stats.mean_cov()
+            save_stats(self.root / "fid_reference.npz", *quality.reference, int(stats.count))
+        pixels = images * 2 - 1
+        result = quality.evaluate(lambda indices: pixels[indices], len(pixels), prompts=prompts)
+        return {k: result[k] for k in ("fid", "clip_score") if k in result}
 
 
 def save_grid(images: torch.Tensor | list[torch.Tensor], path: Path, columns: int) -> None:

@@ -116,3 +116,24 @@ def test_loop_evaluation_scores_the_ema_weights(tmp_path, fid_inception_weights)
     fid, clip = _direct_scores(cfg, ema_denoiser, loop._models, reference.mean_cov(), inception)
     assert metrics["eval/fid"] == pytest.approx(fid, rel=1e-5)
     assert metrics["eval/clip_score"] == pytest.approx(clip, rel=1e-5)
+
+
+@pytest.mark.slow  # ~30 s idle: 72 samples and ~90 Inception passes
+def test_demo_evaluation_reports_fid_and_clip_score(tmp_path, fid_inception_weights):
+    from ldmscale.pipeline import Pipeline
+
+    root = tmp_path / "demo"
+    cfg = _config(tmp_path, fid_inception_weights, "pipeline.eval_seeds_per_prompt=1", f"run_dir={root}",
+                  "eval.prompts=[]")
+    write_shards(root / "data" / "val", 8, 16, 8, seed=0, start_index=10**8)
+    save_resolved(cfg, root / "unet")
+    torch.manual_seed(1)
+    denoiser = build_denoiser(cfg.model, cfg.conditioner).eval()
+    _unzero(denoiser)
+    (root / "unet" / "export").mkdir()
+    save_file(denoiser.state_dict(), str(root / "unet" / "export" / "denoiser_ema.safetensors"))
+    with pytest.warns(UserWarning, match="autoencoder.weights"):
+        scores = Pipeline(cfg, []).evaluate()
+    assert scores["num_images"] == 72 and scores["fid"] > 0 and 0 <= scores["clip_score"] <= 100
+    assert json.loads((root / "eval.json").read_text())["fid"] == scores["fid"]
+    assert load_stats(root / "fid_reference.npz")[0].shape == (2048,)  # the held-out images' statistics
