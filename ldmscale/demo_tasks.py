@@ -18,7 +18,7 @@ from ldmscale.config import Config
 from ldmscale.data import synthetic
 from ldmscale.data.conditioning import box_mask, low_res_of
 from ldmscale.evaluation import psnr
-from ldmscale.sample import to_uint8
+from ldmscale.inference import to_uint8
 
 HELD_OUT_START = 10**8  # the pipeline's validation shards start here too
 GRID_COLUMNS = 12
@@ -48,16 +48,12 @@ class TaskEvaluator:
         self.prompts: list[str] | None = None  # their prompts (text task), for the CLIP score
 
     def generate(self, **inputs: Any) -> torch.Tensor:
-        from ldmscale.sample import generate
+        from ldmscale.inference import UNGUIDABLE, SampleInputs, SamplingSettings, generate
 
-        m, cfg = self.models, self.cfg
-        if cfg.conditioner.kind in ("none", "sr", "inpaint"):  # nothing to guide: these never drop a condition
-            inputs.setdefault("guidance_scale", 1.0)
-        self.images = generate(m.denoiser, m.autoencoder, m.text_encoder, cfg.conditioner.kind,
-                               diffusion_cfg=cfg.diffusion, seeds=list(range(self.count)), height=cfg.data.resolution,
-                               width=cfg.data.resolution, trained_ucg_rate=cfg.conditioner.ucg_rate,
-                               num_classes=cfg.conditioner.num_classes or None, batch_size=self.batch_size,
-                               **inputs).images
+        settings = SamplingSettings(seeds=list(range(self.count)), batch_size=self.batch_size,
+                                    # nothing to guide: these kinds never drop a condition
+                                    guidance_scale=1.0 if self.cfg.conditioner.kind in UNGUIDABLE else None)
+        self.images = generate(self.models, SampleInputs(**inputs), settings).images
         self.prompts = list(inputs["prompts"]) if "prompts" in inputs else None
         return self.images
 

@@ -127,10 +127,10 @@ class Pipeline:
     def evaluate(self) -> dict[str, Any]:
         """Generate the task's evaluation images from the EMA weights with fixed seeds, and score them."""
         from ldmscale.demo_tasks import GRID_COLUMNS, TaskEvaluator
-        from ldmscale.sample import load_models
+        from ldmscale.runs import load
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        models = load_models(self.unet_dir, ema=True, device=device)
+        models = load(self.unet_dir, ema=True, device=device)
         evaluator = TaskEvaluator(models.cfg, models, self.cfg.pipeline.eval_batch_size)
         scores, summary, rows = evaluator.run()
         quality = self.sample_quality(evaluator.images, evaluator.prompts, device)
@@ -166,7 +166,7 @@ def save_grid(images: torch.Tensor | list[torch.Tensor], path: Path, columns: in
     """Images [3,H,W] in [0,1] → one PNG, `columns` per row."""
     from PIL import Image
 
-    from ldmscale.sample import to_pil
+    from ldmscale.inference import to_pil
 
     tiles = to_pil(torch.stack(list(images)))
     width, height = tiles[0].size

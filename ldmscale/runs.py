@@ -1,10 +1,22 @@
-"""Opening what a user points at: the one reader of weights files (safetensors, or torch weights-only)."""
+"""The ONE way to open what a user points at: a training run directory (stage 1 or 2, EMA or raw weights),
+our export, a diffusers folder or an LDM/SD checkpoint → `Run`; and the one reader of weights files."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
+from torch import nn
+
+from ldmscale.config import Config, DiffusionConfig
+
+LATEST = "latest"  # checkpoint.py's pointer file: a folder holding it is a checkpoint folder
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
@@ -30,3 +42,226 @@ def read_weights(path: str | Path, *, what: str = "weights") -> dict[str, torch.
     if not isinstance(state, dict):
         raise ValueError(f"{what}={str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def _unwrap(state: dict[str, Any], ema: bool) -> dict[str, torch.Tensor]:
+    """Training-script checkpoints nest the weights: prefer the EMA ones when asked."""
+    for key in (("ema", "model_ema", "model") if ema else ("model",)):
+        if isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
+# ---------------------------------------------------------------------------- what a path is
+@dataclass
+class Run:
+    """Everything sampling, evaluation and export need from a model, in eval mode on one device."""
+
+    cfg: Config
+    denoiser: Optional[nn.Module]  # None for a stage-1 run
+    autoencoder: Optional[nn.Module]
+    text_encoder: Any = None  # only for conditioner.kind == "text"
+
+
+def read_config(path: str | Path) -> Config:
+    """A resolved Config from config.json (a run's, or our export's) or a YAML file."""
+    from omegaconf import OmegaConf
+
+    from ldmscale.config import to_object
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    raw = json.loads(path.read_text()) if path.suffix == ".json" else OmegaConf.to_container(OmegaConf.load(path))
+    return to_object(OmegaConf.create(raw))
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A training run directory: config.json holds a resolved Config (not a model export's config)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and "diffusion" in data and "model" in data
+
+
+def run_checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where a run's checkpoints are: run_dir itself (if it holds 'latest'), its checkpoint.dir, or ./checkpoints.
+
+    checkpoint.dir is saved resolved against the run's own working directory, so a leading cfg.run_dir
+    is re-rooted at `run_dir` (the run folder may have been moved or be read from elsewhere).
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / LATEST).is_file():
+        return run_dir
+    candidates = []
+    if (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        ckpt_dir, saved_run = Path(saved["checkpoint"]["dir"]), Path(saved["run_dir"])
+        if ckpt_dir.is_relative_to(saved_run):
+            candidates.append(run_dir / ckpt_dir.relative_to(saved_run))
+        candidates.append(ckpt_dir)
+    candidates.append(run_dir / "checkpoints")
+    for candidate in candidates:
+        if (candidate / LATEST).is_file():
+            return candidate
+    raise FileNotFoundError(f"no complete checkpoint ('latest' file) in any of {[str(c) for c in candidates]}")
+
+
+def autoencoder_path(path: str | Path) -> Path:
+    """A stage-1 run directory → its exported autoencoder folder; other paths pass through unchanged."""
+    from ldmscale.stage1 import EXPORT_DIR, LATENT_SCALE_FILE
+
+    path = Path(path)
+    if (path / EXPORT_DIR).is_dir() and (path / LATENT_SCALE_FILE).is_file():
+        return path / EXPORT_DIR
+    if (path / "checkpoints").is_dir() and not (path / EXPORT_DIR).is_dir():
+        raise FileNotFoundError(
+            f"{path} is a stage-1 run without {path / EXPORT_DIR}: it is written when the run reaches "
+            "trainer.max_steps (re-running the same command resumes and writes it)")
+    return path
+
+
+_DIFFUSERS_PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+_DIFFUSERS_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+
+
+def diffusion_from_scheduler_config(path: Path, diffusion: DiffusionConfig) -> DiffusionConfig:
+    """Take the process of a diffusers pipeline folder (scheduler/scheduler_config.json) into `diffusion`."""
+    file = path / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        return diffusion
+    sched = json.loads(file.read_text())
+    if sched.get("beta_schedule") not in _DIFFUSERS_BETAS or sched.get("trained_betas"):
+        raise ValueError(f"{file}: beta_schedule={sched.get('beta_schedule')!r} is not one of "
+                         f"{sorted(_DIFFUSERS_BETAS)}")
+    out = dataclasses.replace(diffusion, schedule=dataclasses.replace(diffusion.schedule))
+    out.schedule.beta_schedule = _DIFFUSERS_BETAS[sched["beta_schedule"]]
+    out.schedule.beta_start = sched.get("beta_start", out.schedule.beta_start)
+    out.schedule.beta_end = sched.get("beta_end", out.schedule.beta_end)
+    out.schedule.num_train_timesteps = sched.get("num_train_timesteps", out.schedule.num_train_timesteps)
+    out.schedule.zero_terminal_snr = bool(sched.get("rescale_betas_zero_snr", False))
+    out.prediction_type = _DIFFUSERS_PREDICTION.get(sched.get("prediction_type", "epsilon"), out.prediction_type)
+    out.timestep_spacing = sched.get("timestep_spacing", out.timestep_spacing)
+    return out
+
+
+def _denoiser_from_unet_checkpoint(path: Path, cfg: Config) -> nn.Module:
+    """A bare U-Net in any format `ldmscale.models.interop` reads, wrapped as a Denoiser of cfg's kind."""
+    from ldmscale.models import Denoiser
+    from ldmscale.models.interop import load_unet
+
+    kind = cfg.conditioner.kind
+    if kind == "layout":
+        raise ValueError(f"{path} is a bare U-Net, but a layout model also needs its trained layout encoder: "
+                         "pass the run directory or the exported denoiser state dict")
+    unet = load_unet(path)
+    concat_channels = unet.in_channels - unet.out_channels
+    return Denoiser(unet, kind, None, cfg.conditioner.num_classes if kind == "class" else None, concat_channels)
+
+
+def build_models(cfg: Config, device: torch.device | str = "cpu") -> Run:
+    """The models a stage-2 config names, in eval mode: an untrained denoiser (the caller loads weights),
+    the autoencoder (cfg.autoencoder.weights, else a seed-0 random one, as the cache job's) and the text
+    encoder."""
+    from ldmscale.models import build_denoiser, build_text_encoder
+
+    model_cfg = dataclasses.replace(cfg.model, weights=None)  # the checkpoint supersedes the initial weights
+    denoiser = build_denoiser(model_cfg, cfg.conditioner)
+    text_encoder = build_text_encoder(cfg.conditioner, device=device) if cfg.conditioner.kind == "text" else None
+    return Run(cfg, denoiser.to(device).eval(), _configured_autoencoder(cfg, False, device), text_encoder)
+
+
+def _load_denoiser_state(denoiser: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """A Denoiser state dict (our export, a consolidated checkpoint) or a bare U-Net one."""
+    target = denoiser if any(k.startswith("unet.") for k in state) else denoiser.unet
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{where} does not fit the configured denoiser: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}; check --config / model overrides")
+
+
+def _run_dir_denoiser(run_dir: Path, ema: bool, tag: Optional[str]) -> dict[str, torch.Tensor]:
+    """A stage-2 run's weights: its latest (or `tag`) DeepSpeed checkpoint consolidated offline (any ZeRO
+    stage and world size); a run without checkpoints, its export run_dir/export/denoiser[_ema].safetensors."""
+    from ldmscale.checkpoint import load_run_weights
+
+    exported = run_dir / "export" / ("denoiser_ema.safetensors" if ema else "denoiser.safetensors")
+    try:
+        run_checkpoint_dir(run_dir)
+    except FileNotFoundError as err:
+        if tag is None and exported.is_file():
+            return read_weights(exported)
+        raise FileNotFoundError(f"{run_dir}: no exported weights {exported} and {err}") from err
+    return load_run_weights(run_dir, ema=ema, tag=tag)[0]
+
+
+def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Path] = None,
+         overrides: Sequence[str] = (), tag: Optional[str] = None, device: torch.device | str = "cpu") -> Run:
+    """Open what a user points at → Run (in eval mode on `device`):
+
+    - a stage-2 training run directory (EMA or raw weights; `tag` picks a checkpoint, default latest);
+    - a stage-1 run directory or any autoencoder `ldmscale.models.load_autoencoder` reads: Run with the
+      autoencoder only (denoiser None) when it holds no U-Net;
+    - our denoiser export (`.safetensors`/`.pt`, keys `unet.*`), a bare U-Net in any format
+      `ldmscale.models.interop` reads, a diffusers pipeline folder (its scheduler and VAE too), an LDM/SD
+      checkpoint.
+
+    The config comes from the run directory, from `config`, from a config.json beside the weights, or from
+    composing `overrides` (as `python -m ldmscale.train OVERRIDES` would).
+    """
+    from ldmscale.config import compose
+    from ldmscale.models import build_denoiser, load_autoencoder
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    pipeline_vae = False
+    if is_run_dir(path) and config is None:
+        cfg = read_config(path / "config.json")
+        if cfg.stage == "autoencoder":
+            return Run(cfg, None, load_autoencoder(autoencoder_path(path)).to(device).eval())
+        run = build_models(cfg, device)
+        _load_denoiser_state(run.denoiser, _run_dir_denoiser(path, ema, tag), str(path))
+        return run
+    if config is not None:
+        cfg = read_config(config)
+    elif path.is_file() and is_run_dir(path.parent):
+        cfg = read_config(path.parent / "config.json")
+    else:
+        cfg = compose(list(overrides))
+    if path.is_file() and path.suffix in WEIGHT_SUFFIXES and \
+            any(key.startswith("unet.") for key in _unwrap(read_weights(path), ema)):
+        denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
+        _load_denoiser_state(denoiser, _unwrap(read_weights(path), ema), str(path))  # our Denoiser export
+    else:
+        denoiser = _denoiser_from_unet_checkpoint(path, cfg)
+    if path.is_dir():
+        cfg.diffusion = diffusion_from_scheduler_config(path, cfg.diffusion)
+        if not cfg.autoencoder.weights and (path / "vae").is_dir():
+            cfg.autoencoder.weights, pipeline_vae = str(path), True
+    from ldmscale.models import build_text_encoder
+
+    text_encoder = build_text_encoder(cfg.conditioner, device=device) if cfg.conditioner.kind == "text" else None
+    return Run(cfg, denoiser.to(device).eval(), _configured_autoencoder(cfg, pipeline_vae, device), text_encoder)
+
+
+def _configured_autoencoder(cfg: Config, pipeline_vae: bool, device: torch.device | str) -> nn.Module:
+    """cfg.autoencoder.weights with the latent scaling the denoiser was trained with (the run's config, or a
+    diffusers pipeline's VAE config); unset, a seed-0 random autoencoder, loudly."""
+    from ldmscale.models import build_autoencoder, load_autoencoder
+
+    if cfg.autoencoder.weights:
+        scaling = {} if pipeline_vae else dict(scale_factor=cfg.autoencoder.scale_factor,
+                                               shift_factor=cfg.autoencoder.shift_factor)
+        return load_autoencoder(autoencoder_path(cfg.autoencoder.weights), **scaling).to(device).eval()
+    warnings.warn("autoencoder.weights is not set: decoding with a randomly initialised (seed 0) "
+                  "autoencoder; set autoencoder.weights (or -o autoencoder.weights=PATH) for real images",
+                  stacklevel=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # only matters for an untrained autoencoder: the same one in every call
+        return build_autoencoder(cfg.autoencoder).to(device).eval()

@@ -359,24 +359,13 @@ class AutoencoderTask:
         return out
 
 
-def resolve_run_dir(path: str | Path) -> Path:
-    """A stage-1 run directory → its exported autoencoder folder; other paths pass through unchanged."""
-    path = Path(path)
-    if (path / EXPORT_DIR).is_dir() and (path / LATENT_SCALE_FILE).is_file():
-        return path / EXPORT_DIR
-    if (path / "checkpoints").is_dir() and not (path / EXPORT_DIR).is_dir():
-        raise FileNotFoundError(
-            f"{path} is a stage-1 run without {path / EXPORT_DIR}: it is written when the run reaches "
-            "trainer.max_steps (re-running the same command resumes and writes it)")
-    return path
-
-
 def load_autoencoder_from_run(run_dir: str | Path) -> AutoencoderKL | VQModel:
     """A stage-1 run directory (or any path `ldmscale.models.interop.load_autoencoder` takes) → the
     trained autoencoder in eval mode, with the latent scale estimated at the end of training."""
     from ldmscale.models.interop import load_autoencoder
+    from ldmscale.runs import autoencoder_path
 
-    return load_autoencoder(resolve_run_dir(run_dir))
+    return load_autoencoder(autoencoder_path(run_dir))
 
 
 # ---------------------------------------------------------------------------- the stage-1 run

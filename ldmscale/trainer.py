@@ -327,7 +327,7 @@ class DiffusionTask(EngineTask):
 
 
 class SampleGrid:
-    """Fixed prompts and seeds → EMA denoiser → ldmscale.sample.generate → one PNG grid (main rank writes)."""
+    """Fixed prompts and seeds → EMA denoiser → ldmscale.inference.generate → one PNG grid (main rank writes)."""
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -339,8 +339,8 @@ class SampleGrid:
         weights = ema.full_state_dict()  # collective: every rank takes part in the gather
         if not env.is_main():
             return []
-        from ldmscale.checkpoint import build_run_models
-        from ldmscale.sample import generate
+        from ldmscale.inference import SampleInputs, SamplingSettings, generate
+        from ldmscale.runs import build_models
 
         cfg = self.cfg
         prompts = list(cfg.trainer.sample_prompts)
@@ -349,17 +349,14 @@ class SampleGrid:
             return []
         if self._models is None:
             device = next(iter(weights.values())).device
-            self._models = build_run_models(cfg, device=device)
+            self._models = build_models(cfg, device=device)
         denoiser = self._models.denoiser
         denoiser.load_state_dict(weights, strict=False)  # trainable parameters; buffers stay as built
-        inputs: dict[str, Any] = {"none": {"num_images": len(prompts)}, "text": {"prompts": prompts},
-                                  "class": {"class_labels": torch.arange(len(prompts)) % max(1, cfg.conditioner.num_classes)}}[kind]
-        generation = generate(denoiser, self._models.autoencoder, self._models.text_encoder, kind,
-                              diffusion_cfg=cfg.diffusion, seed=cfg.trainer.sample_seed, height=cfg.data.resolution,
-                              width=cfg.data.resolution, num_steps=cfg.trainer.sample_steps,
-                              trained_ucg_rate=cfg.conditioner.ucg_rate,
-                              num_classes=cfg.conditioner.num_classes or None, batch_size=len(prompts),
-                              progress=False, **inputs)
+        inputs = {"none": SampleInputs(num_images=len(prompts)), "text": SampleInputs(prompts=prompts),
+                  "class": SampleInputs(class_labels=torch.arange(len(prompts)) % max(1, cfg.conditioner.num_classes))}
+        settings = SamplingSettings(seed=cfg.trainer.sample_seed, num_steps=cfg.trainer.sample_steps,
+                                    batch_size=len(prompts), progress=False)
+        generation = generate(self._models, inputs[kind], settings)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:08d}.png"
         _save_row(generation.images, path)

@@ -17,8 +17,9 @@ from ldmscale.ema import PartitionedEMA
 from ldmscale.evaluation import FeatureStats, InceptionFeatures, frechet_distance, load_stats
 from ldmscale.evaluation.clip_score import TINY_CLIP_MODEL, CLIPScorer
 from ldmscale.evaluation.generated import LoopEvaluation
+from ldmscale.inference import SampleInputs, SamplingSettings, generate
 from ldmscale.models import build_denoiser
-from ldmscale.sample import generate
+from ldmscale.runs import Run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import evaluate as evaluate_tool  # noqa: E402
@@ -45,9 +46,8 @@ def _direct_scores(cfg, denoiser, models, reference, inception):
     """FID/CLIP of images 0..N-1 made straight by generate(): seed eval.seed + i, prompt i mod P."""
     n = cfg.eval.num_images
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    images = generate(denoiser, models.autoencoder, models.text_encoder, "text", diffusion_cfg=cfg.diffusion,
-                      prompts=prompts, seeds=[cfg.eval.seed + i for i in range(n)], height=16, width=16,
-                      trained_ucg_rate=cfg.conditioner.ucg_rate, progress=False).images * 2 - 1
+    images = generate(Run(cfg, denoiser, models.autoencoder, models.text_encoder), SampleInputs(prompts=prompts),
+                      SamplingSettings(seeds=[cfg.eval.seed + i for i in range(n)], progress=False)).images * 2 - 1
     stats = FeatureStats()
     stats.update(inception(images))
     clip = CLIPScorer(TINY_CLIP_MODEL)(images, prompts).mean().item()
@@ -82,10 +82,10 @@ def test_fid_stats_then_evaluate_a_run_dir(tmp_path, fid_inception_weights):
     assert saved["fid"] == result["fid"] > 0 and 0 <= saved["clip_score"] <= 100 and saved["num_images"] == 4
     assert load_stats(run_dir / "evaluation.npz")[0].shape == (2048,)
 
-    from ldmscale.sample import load_models
+    from ldmscale.runs import load
 
     with pytest.warns(UserWarning):
-        models = load_models(run_dir)
+        models = load(run_dir)
     fid, clip = _direct_scores(cfg, models.denoiser, models, (mu, sigma), inception)
     assert result["fid"] == pytest.approx(fid, rel=1e-5) and result["clip_score"] == pytest.approx(clip, rel=1e-5)
 

@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     dist = env.setup()
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
-    from ldmscale.sample import load_models
+    from ldmscale.runs import load
 
     started = time.perf_counter()
-    models = load_models(args.checkpoint, ema=not args.raw, device=device)
+    models = load(args.checkpoint, ema=not args.raw, device=device)
     cfg = models.cfg
     cfg.eval = dataclasses.replace(cfg.eval, **{k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None})
     evaluator = SampleEvaluator(cfg.eval, device)

@@ -105,19 +105,14 @@ class SampleEvaluator:
 
 def model_images(models: Any, cfg: Config, prompts: Sequence[str] = ()) -> ImagesOf:
     """images_of for a stage-2 model: image i has seed eval.seed + i and condition i (condition_inputs)."""
-    from ldmscale.sample import generate
-
-    kind, resolution = cfg.conditioner.kind, cfg.data.resolution
+    from ldmscale.inference import SampleInputs, SamplingSettings, generate
 
     def images_of(indices: list[int]) -> torch.Tensor:
-        inputs = condition_inputs(kind, indices, prompts=prompts, num_classes=cfg.conditioner.num_classes)
-        generation = generate(models.denoiser, models.autoencoder, models.text_encoder, kind,
-                              diffusion_cfg=cfg.diffusion, seeds=[cfg.eval.seed + i for i in indices],
-                              height=resolution, width=resolution, num_steps=cfg.eval.num_steps or None,
-                              trained_ucg_rate=cfg.conditioner.ucg_rate,
-                              num_classes=cfg.conditioner.num_classes or None, batch_size=len(indices),
-                              progress=False, **inputs)
-        return generation.images * 2 - 1
+        inputs = condition_inputs(cfg.conditioner.kind, indices, prompts=prompts,
+                                  num_classes=cfg.conditioner.num_classes)
+        settings = SamplingSettings(seeds=[cfg.eval.seed + i for i in indices], num_steps=cfg.eval.num_steps or None,
+                                    batch_size=len(indices), progress=False)
+        return generate(models, SampleInputs(**inputs), settings).images * 2 - 1
 
     return images_of
 
@@ -142,12 +137,12 @@ class LoopEvaluation:
         self._evaluator: Optional[SampleEvaluator] = None
 
     def __call__(self, ema: Any, step: int) -> dict[str, float]:
-        from ldmscale.checkpoint import build_run_models
+        from ldmscale.runs import build_models
 
         weights = ema.full_state_dict()  # collective: every rank gets the full EMA weights
         if self._models is None:
             device = next(iter(weights.values())).device
-            self._models = build_run_models(self.cfg, device=device)
+            self._models = build_models(self.cfg, device=device)
             self._evaluator = SampleEvaluator(self.cfg.eval, device)
         assert self._evaluator is not None
         if not self._evaluator.enabled:
