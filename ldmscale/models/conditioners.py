@@ -60,7 +60,9 @@ class TextEncoder(nn.Module):
         if model_name == TINY_TEXT_MODEL:
             tower, arch = _build_tiny_text_tower()
             if weights:
-                state = _load_state_dict(weights)
+                from ldmscale.runs import read_weights
+
+                state = read_weights(weights, what="conditioner.text_weights")
                 state = {k[len("text."):] if k.startswith("text.") else k: v for k, v in state.items()}
                 tower.load_state_dict(state)
             self.tokenizer = open_clip.tokenize
@@ -134,15 +136,6 @@ class TextEncoder(nn.Module):
         return dict(model=self.model_name, arch=json.loads(json.dumps(self.arch, default=str)), layer=self.layer,
                     context_length=self.context_length, width=self.width, weights_sha256=digest.hexdigest(),
                     dtype=str(self.dtype).replace("torch.", ""))
-
-
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
 
 
 def build_text_encoder(cond_cfg, device: torch.device | str | None = None,
