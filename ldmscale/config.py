@@ -439,6 +439,9 @@ def validate(cfg: Config) -> Config:
     for key in ("eval.num_images", "eval.batch_size"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    if cfg.eval.every_steps and cfg.conditioner.kind not in ("text", "class", "none"):
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps}: in-loop FID needs a fixed prompt/class set, "
+                          f"which conditioner.kind={cfg.conditioner.kind!r} cannot use; set eval.every_steps=0")
     for key in ("launcher.gpus_per_node", "launcher.tasks_per_node", "launcher.mem_gb",
                 "launcher.signal_delay_s", "launcher.max_num_timeout"):
         if _get(cfg, key) < 0:

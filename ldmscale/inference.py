@@ -156,6 +156,19 @@ class SampleInputs:
     images_per_condition: int = 1
 
 
+def cycled_inputs(kind: str, indices: Sequence[int], *, prompts: Sequence[str] = (),
+                  num_classes: int = 0) -> SampleInputs:
+    """The inputs of images `indices` of a fixed set (sample grids, evaluation): prompt i mod P, class i mod C."""
+    if kind == "text":
+        return SampleInputs(prompts=[prompts[i % len(prompts)] for i in indices])
+    if kind == "class":
+        return SampleInputs(class_labels=[i % max(1, num_classes) for i in indices])
+    if kind == "none":
+        return SampleInputs(num_images=len(indices))
+    raise ValueError(f"conditioner.kind={kind!r} needs per-image inputs (boxes, low-res or masked images): a "
+                     "fixed prompt/class set cannot make them; evaluate it on held-out inputs")
+
+
 @dataclass
 class SamplingSettings:
     """How to sample. None takes the run's config (diffusion.*, data.resolution for the size)."""

@@ -339,7 +339,7 @@ class SampleGrid:
         weights = ema.full_state_dict()  # collective: every rank takes part in the gather
         if not env.is_main():
             return []
-        from ldmscale.inference import SampleInputs, SamplingSettings, generate
+        from ldmscale.inference import SamplingSettings, cycled_inputs, generate
         from ldmscale.runs import build_models
 
         cfg = self.cfg
@@ -352,11 +352,10 @@ class SampleGrid:
             self._models = build_models(cfg, device=device)
         denoiser = self._models.denoiser
         denoiser.load_state_dict(weights, strict=False)  # trainable parameters; buffers stay as built
-        inputs = {"none": SampleInputs(num_images=len(prompts)), "text": SampleInputs(prompts=prompts),
-                  "class": SampleInputs(class_labels=torch.arange(len(prompts)) % max(1, cfg.conditioner.num_classes))}
+        inputs = cycled_inputs(kind, range(len(prompts)), prompts=prompts, num_classes=cfg.conditioner.num_classes)
         settings = SamplingSettings(seed=cfg.trainer.sample_seed, num_steps=cfg.trainer.sample_steps,
                                     batch_size=len(prompts), progress=False)
-        generation = generate(self._models, inputs[kind], settings)
+        generation = generate(self._models, inputs, settings)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:08d}.png"
         _save_row(generation.images, path)

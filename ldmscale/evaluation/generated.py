@@ -38,19 +38,6 @@ def eval_prompts(cfg: EvalConfig, fallback: Sequence[str] = ()) -> list[str]:
     return prompts
 
 
-def condition_inputs(kind: str, indices: Sequence[int], *, prompts: Sequence[str] = (),
-                     num_classes: int = 0) -> dict[str, Any]:
-    """The generation inputs of evaluation images `indices`: prompt i mod P, class i mod num_classes."""
-    if kind == "text":
-        return {"prompts": [prompts[i % len(prompts)] for i in indices]}
-    if kind == "class":
-        return {"class_labels": [i % max(1, num_classes) for i in indices]}
-    if kind == "none":
-        return {"num_images": len(indices)}
-    raise ValueError(f"conditioner.kind={kind!r}: FID/CLIP evaluation of generated images needs no per-image "
-                     "inputs (text, class or none); evaluate sr/inpaint/layout models on held-out inputs")
-
-
 def _rank_world() -> tuple[int, int]:
     if tdist.is_available() and tdist.is_initialized():
         return tdist.get_rank(), tdist.get_world_size()
@@ -104,15 +91,14 @@ class SampleEvaluator:
 
 
 def model_images(models: Any, cfg: Config, prompts: Sequence[str] = ()) -> ImagesOf:
-    """images_of for a stage-2 model: image i has seed eval.seed + i and condition i (condition_inputs)."""
-    from ldmscale.inference import SampleInputs, SamplingSettings, generate
+    """images_of for a stage-2 model: image i has seed eval.seed + i and condition i (cycled_inputs)."""
+    from ldmscale.inference import SamplingSettings, cycled_inputs, generate
 
     def images_of(indices: list[int]) -> torch.Tensor:
-        inputs = condition_inputs(cfg.conditioner.kind, indices, prompts=prompts,
-                                  num_classes=cfg.conditioner.num_classes)
+        inputs = cycled_inputs(cfg.conditioner.kind, indices, prompts=prompts, num_classes=cfg.conditioner.num_classes)
         settings = SamplingSettings(seeds=[cfg.eval.seed + i for i in indices], num_steps=cfg.eval.num_steps or None,
                                     batch_size=len(indices), progress=False)
-        return generate(models, SampleInputs(**inputs), settings).images * 2 - 1
+        return generate(models, inputs, settings).images * 2 - 1
 
     return images_of
 
