@@ -215,7 +215,7 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
     composing `overrides` (as `python -m ldmscale.train OVERRIDES` would).
     """
     from ldmscale.config import compose
-    from ldmscale.models import build_denoiser, load_autoencoder
+    from ldmscale.models import build_denoiser, build_text_encoder, load_autoencoder
 
     path = Path(checkpoint)
     if not path.exists():
@@ -234,18 +234,16 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
         cfg = read_config(path.parent / "config.json")
     else:
         cfg = compose(list(overrides))
-    if path.is_file() and path.suffix in WEIGHT_SUFFIXES and \
-            any(key.startswith("unet.") for key in _unwrap(read_weights(path), ema)):
+    state = _unwrap(read_weights(path), ema) if path.is_file() and path.suffix in WEIGHT_SUFFIXES else {}
+    if any(key.startswith("unet.") for key in state):  # our consolidated Denoiser export
         denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
-        _load_denoiser_state(denoiser, _unwrap(read_weights(path), ema), str(path))  # our Denoiser export
+        _load_denoiser_state(denoiser, state, str(path))
     else:
         denoiser = _denoiser_from_unet_checkpoint(path, cfg)
     if path.is_dir():
         cfg.diffusion = diffusion_from_scheduler_config(path, cfg.diffusion)
         if not cfg.autoencoder.weights and (path / "vae").is_dir():
             cfg.autoencoder.weights, pipeline_vae = str(path), True
-    from ldmscale.models import build_text_encoder
-
     text_encoder = build_text_encoder(cfg.conditioner, device=device) if cfg.conditioner.kind == "text" else None
     return Run(cfg, denoiser.to(device).eval(), _configured_autoencoder(cfg, pipeline_vae, device), text_encoder)
 
