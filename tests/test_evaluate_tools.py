@@ -137,3 +137,34 @@ def test_demo_evaluation_reports_fid_and_clip_score(tmp_path, fid_inception_weig
     assert scores["num_images"] == 72 and scores["fid"] > 0 and 0 <= scores["clip_score"] <= 100
     assert json.loads((root / "eval.json").read_text())["fid"] == scores["fid"]
     assert load_stats(root / "fid_reference.npz")[0].shape == (2048,)  # the held-out images' statistics
+
+
+@pytest.mark.slow  # a 2-rank DeepSpeed run (~1-2 min)
+def test_two_rank_training_logs_fid_and_clip_every_eval_steps(tmp_path, fid_inception_weights):
+    import subprocess
+
+    from ldmscale.evaluation import save_stats
+    from tests._train_helpers import make_cached_shards
+    from tests.test_training_dist import ROOT, dist_env
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(64, 2048, generator=g, dtype=torch.float64)
+    stats = FeatureStats()
+    stats.update(features)
+    reference = save_stats(tmp_path / "ref.npz", *stats.mean_cov(), 64)
+    cache = make_cached_shards(tmp_path)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741",
+           "-m", "ldmscale.train", "stage=diffusion", f"data.train_shards=[{cache}]", "data.micro_batch_size=8",
+           "data.global_batch_size=16", "trainer.max_steps=4", "trainer.log_every_steps=2",
+           "checkpoint.every_steps=4", "deepspeed.zero_stage=2", f"run_dir={run_dir}", "logger.wandb_mode=offline",
+           "logger.progress_bar=false", "eval.every_steps=2", "eval.num_images=3", "eval.num_steps=2",
+           f"eval.inception_weights={fid_inception_weights}", f"eval.clip_model={TINY_CLIP_MODEL}",
+           f"eval.reference_stats={reference}"]
+    proc = subprocess.run(cmd, env=dist_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/fid" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval/fid"] > 0 and 0 <= r["eval/clip_score"] <= 100 for r in evals)
+    assert evals[0]["eval/fid"] != evals[1]["eval/fid"]  # the EMA weights moved between evaluations
