@@ -4,17 +4,26 @@ Layout under `checkpoint.dir` (default RUN_DIR/checkpoints):
 
     step_00000100/<engine>/...      DeepSpeed's own shards, one folder per engine (e.g. "denoiser")
     step_00000100/client_rank0.pt   per-rank state: step, images seen, loader position, RNG, task (EMA) state
-    step_00000100/meta.json         written last by rank 0: step, world size, ZeRO stage, resolved config
+    step_00000100/meta.json         written last by rank 0: step, world size, ZeRO stage, resolved config,
+                                    and the size and CRC-32 of every other file (read back from disk)
     latest                          the tag of the newest COMPLETE checkpoint (atomic rename)
+
+Every file is loaded as data (torch.load weights_only=True; DeepSpeed's few plain classes are allow-listed in
+distributed/engine.py): a run directory from someone else never executes code. A checkpoint is verified
+against its checksums before it is trusted; resume falls back to the newest one that verifies.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
+import warnings
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +35,30 @@ from ldmscale.config import CheckpointConfig
 
 LATEST = "latest"
 META = "meta.json"
+_CHUNK = 16 << 20  # checksum read size: large sequential reads, bounded memory
+_torch_load = torch.load  # the real one: engine.py may patch torch.load to call load_data while DeepSpeed reads
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file or folder that cannot be trusted or read; the message names it."""
+
+
+def load_data(path: str | Path, *, map_location: Any = "cpu", allowed: Iterable[type] = (), **kwargs: Any) -> Any:
+    """torch.load as data only: tensors and plain containers, plus the `allowed` classes; never code.
+
+    A pickle payload, a truncated or corrupt file raises CheckpointError naming the file.
+    """
+    kwargs.pop("weights_only", None)  # callers inside DeepSpeed pass weights_only=False: overruled
+    kwargs.pop("pickle_module", None)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return _torch_load(path, map_location=map_location, weights_only=True, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # torch's weights-only message buries the offending global after a paragraph of advice
+        reason = next((line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line), lines[0])[:300]
+        raise CheckpointError(f"{path}: refused to load ({reason}); run-directory files are read as data "
+                              "only (weights_only), so a file holding code or a corrupt file stops here") from err
 
 
 class _Engine(Protocol):
@@ -52,7 +85,10 @@ def tag_for(step: int) -> str:
 
 # ---------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain Python values (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -60,7 +96,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -94,11 +131,18 @@ class SaveRequest:
             pass
 
     def agreed(self) -> tuple[bool, bool]:
-        """(save, stop) as agreed by all ranks: a signal delivered to one rank is honoured by all."""
-        flags = torch.tensor([float(self.save), float(self.stop)])
-        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+        """(save, stop) as agreed by all ranks: a signal delivered to one rank is honoured by all.
+
+        Collective, with a host sync when there are several ranks: the trainer calls it on its sync steps
+        only (Trainer.should_sync). Under NCCL the flags travel through the GPU."""
+        if not (tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1):
+            return self.save, self.stop
+        device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        flags = torch.tensor([float(self.save), float(self.stop)], device=device)
+        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        save, stop = flags.tolist()
+        return bool(save), bool(stop)
 
     def clear(self) -> None:
         self.save = False
@@ -108,40 +152,145 @@ class SaveRequest:
 SAVE_REQUEST = SaveRequest()
 
 
+# ---------------------------------------------------------------------------- integrity
+def file_checksum(path: str | Path, *, sync: bool = False) -> dict[str, int]:
+    """Size and CRC-32 of a file as it is on disk (zlib's CRC-32 streams at GB/s; the files are GBs)."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        if sync:  # the bytes checksummed are the bytes a crash leaves behind
+            os.fsync(f.fileno())
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"bytes": size, "crc32": crc}
+
+
+def _checkpoint_files(step_dir: Path) -> list[str]:
+    return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
+                  if p.is_file() and p.name != META and not p.name.startswith("."))
+
+
+def _gather(obj: Any) -> list[Any]:
+    rank, world = _rank_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def verify(step_dir: str | Path, meta: dict[str, Any], *, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """What is wrong with the checkpoint's files (missing, truncated, corrupted); [] if all verify.
+
+    `share=(rank, world)` checks every world-th file only, so ranks split the reading.
+    """
+    step_dir = Path(step_dir)
+    expected: dict[str, dict[str, int]] = meta.get("files") or {}
+    rank, world = share
+    problems = []
+    for rel in sorted(expected)[rank::world]:
+        path, want = step_dir / rel, expected[rel]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {want['bytes']} were written (truncated?)")
+        elif file_checksum(path)["crc32"] != want["crc32"]:
+            problems.append(f"{path} fails its CRC-32 check (corrupted)")
+    return problems
+
+
 # ---------------------------------------------------------------------------- finding checkpoints
 def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The tag `latest` names, or None without the file (the folder it names may be gone)."""
     path = Path(ckpt_dir) / LATEST
-    if not path.is_file():
-        return None
-    tag = path.read_text().strip()
-    if not (Path(ckpt_dir) / tag / META).is_file():
-        raise FileNotFoundError(
-            f"{path} points at {tag!r} but {Path(ckpt_dir) / tag / META} is missing: the checkpoint was "
-            "deleted by hand; point 'latest' at an existing step_* folder or remove it to start afresh"
-        )
-    return tag
+    return path.read_text().strip() if path.is_file() else None
 
 
 def read_meta(ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
-    return json.loads((Path(ckpt_dir) / tag / META).read_text())
+    path = Path(ckpt_dir) / tag / META
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path} is missing: checkpoint {tag} is incomplete") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is malformed ({err}): checkpoint {tag} is damaged") from err
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def complete_tags(ckpt_dir: str | Path) -> list[str]:
+    """step_* folders holding meta.json (written last), oldest first."""
     root = Path(ckpt_dir)
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.glob("step_*") if (p / META).is_file())
 
 
+def candidate_tags(ckpt_dir: str | Path) -> tuple[list[str], list[str]]:
+    """(complete checkpoints to try, best first; warnings). `latest`'s target, then older ones; newest
+    first when `latest` is missing or names a folder that is gone."""
+    tags = complete_tags(ckpt_dir)
+    latest, notes = latest_tag(ckpt_dir), []
+    if latest in tags:
+        return [t for t in reversed(tags) if t <= latest], notes
+    if latest is not None:
+        notes.append(f"{Path(ckpt_dir) / LATEST} names {latest!r}, which is missing or incomplete")
+    elif tags:
+        notes.append(f"{Path(ckpt_dir) / LATEST} is missing, but complete checkpoints exist")
+    return list(reversed(tags)), notes
+
+
+def find_verified(ckpt_dir: str | Path, *, warn: Any = None) -> tuple[str | None, list[str]]:
+    """(newest checkpoint that verifies, or None if there are no complete ones; warnings).
+
+    Collective when a process group is up: ranks split the reading and agree on the result. A complete
+    checkpoint that fails is skipped with a warning naming it; when none verifies this raises rather
+    than let the run start over (and retention delete the evidence).
+    """
+    rank, world = _rank_world()
+    tags, notes = candidate_tags(ckpt_dir)
+    failed = []
+    for tag in tags:
+        try:
+            meta = read_meta(ckpt_dir, tag)
+            problems = verify(Path(ckpt_dir) / tag, meta, share=(rank, world))
+            if "files" not in meta:
+                notes.append(f"{Path(ckpt_dir) / tag} has no checksums (an older ldmscale wrote it): not verified")
+        except CheckpointError as err:
+            problems = [str(err)]
+        problems = [p for part in _gather(problems) for p in part]
+        if not problems:
+            if failed:
+                notes.append(f"resuming from {Path(ckpt_dir) / tag}, the newest checkpoint that verifies")
+            return tag, notes
+        failed.append(f"{Path(ckpt_dir) / tag}: " + "; ".join(problems[:3]))
+        notes.append(f"skipping checkpoint {failed[-1]}")
+    if failed:
+        raise CheckpointError("no checkpoint verifies, so the run stops instead of starting over: "
+                              + " | ".join(failed) + ". Restore the files, or move the checkpoints away to "
+                              "start afresh")
+    partial = sorted(p.name for p in Path(ckpt_dir).glob("step_*")) if Path(ckpt_dir).is_dir() else []
+    if partial:
+        notes.append(f"{ckpt_dir}: ignoring incomplete checkpoints {partial} (no {META}): starting afresh")
+    return None, notes
+
+
+def _warn(notes: list[str]) -> None:
+    for note in notes:
+        if _rank_world()[0] == 0:
+            warnings.warn(f"[ldmscale] {note}", stacklevel=3)
+
+
 # ---------------------------------------------------------------------------- the checkpointer
 class Checkpointer:
-    """Saves every `every_steps`, at the end and on request; resumes from the latest complete one."""
+    """Saves every `every_steps`, at the end and on request; resumes from the newest verified one."""
 
     def __init__(self, cfg: CheckpointConfig, ckpt_dir: str | Path | None = None,
                  request: SaveRequest = SAVE_REQUEST):
@@ -155,21 +304,27 @@ class Checkpointer:
 
     def save(self, step: int, engines: dict[str, _Engine], client_state: dict[str, Any],
              meta: dict[str, Any]) -> Path:
-        """Collective: every rank writes its shards; 'latest' moves only once all ranks are done."""
+        """Collective: every rank writes its shards; 'latest' moves only once all ranks' files are on disk
+        and checksummed; only then are older checkpoints pruned."""
         rank, world = _rank_world()
         tag = tag_for(step)
         step_dir = self.dir / tag
-        if rank == 0 and step_dir.exists():  # a half-written one from a crash at this step
+        if step == self.last_saved_step and (step_dir / META).is_file():
+            return step_dir  # this very state is saved (e.g. a stop request right after a periodic save)
+        if rank == 0 and step_dir.exists():  # a half-written one from a crash at this step, or a stale one
             shutil.rmtree(step_dir)
         _barrier()
         step_dir.mkdir(parents=True, exist_ok=True)
         for name, engine in engines.items():
             engine.save(str(step_dir), tag=name, client_state={"step": step})
         torch.save(client_state, step_dir / f"client_rank{rank}.pt")
-        _barrier()  # every rank's files are on disk
+        _barrier()  # every rank's files are written
+        files = _checkpoint_files(step_dir)
+        checksums = {rel: file_checksum(step_dir / rel, sync=True) for rel in files[rank::world]}
+        merged = {k: v for part in _gather(checksums) for k, v in part.items()}
         if rank == 0:
             full_meta = dict(meta, step=step, world_size=world, engines=sorted(engines),
-                             zero_stage={n: e.zero_stage for n, e in engines.items()})
+                             zero_stage={n: e.zero_stage for n, e in engines.items()}, files=merged)
             _write_atomic(step_dir / META, json.dumps(full_meta, indent=2, default=str))
             _write_atomic(self.dir / LATEST, tag)
             self._prune(keep=tag)
@@ -178,13 +333,26 @@ class Checkpointer:
         return step_dir
 
     def _prune(self, keep: str) -> None:
-        tags = [t for t in complete_tags(self.dir) if t != keep]
-        excess = len(tags) + 1 - max(1, self.cfg.keep_last)
-        for old in tags[: max(0, excess)]:
+        """Keep the newest `keep_last` up to the new one (which is complete and checksummed from disk).
+
+        Checkpoints after `keep` belong to a history this run abandoned (it resumed from an older one):
+        they go, so a later fallback cannot pick them. Folders without meta.json are never touched here
+        (a crash mid-save leaves one; the next save at that step replaces it).
+        """
+        tags = complete_tags(self.dir)
+        newer = [t for t in tags if t > keep]
+        older = [t for t in tags if t < keep]
+        excess = len(older) + 1 - max(1, self.cfg.keep_last)
+        for old in newer + older[: max(0, excess)]:
             shutil.rmtree(self.dir / old, ignore_errors=True)
 
     def resume_tag(self) -> str | None:
-        return latest_tag(self.dir) if self.cfg.resume else None
+        """Collective: the newest checkpoint that verifies (None to start afresh); see find_verified."""
+        if not self.cfg.resume:
+            return None
+        tag, notes = find_verified(self.dir)
+        _warn(notes)
+        return tag
 
     def load(self, tag: str, engines: dict[str, _Engine]) -> dict[str, Any]:
         """Restore engines and return this rank's client state; a world-size change fails with the fix."""
@@ -199,9 +367,15 @@ class Checkpointer:
                 "(the optimizer state restarts; or relaunch with the old world size)"
             )
         for name, engine in engines.items():
-            engine.load(str(self.dir / tag), tag=name)
-        state = torch.load(self.dir / tag / f"client_rank{rank}.pt", map_location="cpu", weights_only=False)
-        return state
+            try:
+                engine.load(str(self.dir / tag), tag=name)
+            except (AssertionError, FileNotFoundError, KeyError) as err:  # DeepSpeed's bare asserts
+                raise CheckpointError(f"rank {rank}: loading engine {name!r} from {self.dir / tag} failed: "
+                                      f"{type(err).__name__}: {err}") from err
+        path = self.dir / tag / f"client_rank{rank}.pt"
+        if not path.is_file():
+            raise CheckpointError(f"rank {rank}: {path} is missing")
+        return load_data(path)
 
 
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:
@@ -246,10 +420,15 @@ def load_run_weights(run_dir: str | Path, *, ema: bool = True, engine: str = "de
     from ldmscale.runs import run_checkpoint_dir
 
     ckpt_dir = run_checkpoint_dir(run_dir)
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None or not (ckpt_dir / tag / META).is_file():
-        raise FileNotFoundError(f"{ckpt_dir}: checkpoint {tag!r} is missing or incomplete (no {META})")
+    if tag is None:
+        tag, notes = find_verified(ckpt_dir)
+        _warn(notes)
+        if tag is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint (no step_*/{META})")
     meta = read_meta(ckpt_dir, tag)
+    problems = verify(ckpt_dir / tag, meta)
+    if problems:
+        raise CheckpointError(f"{ckpt_dir / tag} does not verify: " + "; ".join(problems))
     if engine not in meta["engines"]:
         raise KeyError(f"{ckpt_dir / tag} has engines {meta['engines']}, not {engine!r}")
     state = consolidate_state_dict(str(ckpt_dir / tag), engine, int(meta["zero_stage"][engine]))
@@ -258,6 +437,6 @@ def load_run_weights(run_dir: str | Path, *, ema: bool = True, engine: str = "de
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
             raise FileNotFoundError(f"EMA partitions missing: {absent}")
-        partitions = [_ema_state(torch.load(f, map_location="cpu", weights_only=False), engine, f) for f in files]
+        partitions = [_ema_state(load_data(f), engine, f) for f in files]
         state = {**state, **assemble_partitions(partitions, {k: v.shape for k, v in state.items()})}
     return state, meta

@@ -51,7 +51,8 @@ class UNetConfig:
     attention_backend: str = "sdpa"  # sdpa | xformers | math
     gradient_checkpointing: bool = False
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile each U-Net block (regional) of the denoiser that trains
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: tracing without codegen)
 
 
 # ---------------------------------------------------------------------------- autoencoder
@@ -190,8 +191,11 @@ class DataConfig:
     prefetch_factor: int = 2
     shuffle_buffer: int = 1000  # online path only: samples shuffled in a streaming buffer
     samples_per_epoch: int = 0  # online path: samples per epoch over all ranks (0: one pass, 1 rank only)
-    min_size: int = 0  # smaller images are skipped as "too_small"
-    max_aspect_ratio: float = 0.0  # 0: no limit; wider/taller images are skipped as "extreme_aspect"
+    # Raw-image limits (cache job and online path), read from the header before any pixel is decoded:
+    min_size: Optional[int] = None  # short side below this: "too_small"; None: a quarter of resolution; 0: off
+    max_aspect_ratio: float = 4.0  # long/short side above this: "extreme_aspect" (0: no limit)
+    max_pixels: int = 50_000_000  # width*height above this: "too_many_pixels" (a 12000² PNG decodes to 2 GB)
+    max_caption_bytes: int = 2048  # captions are cut to this many UTF-8 bytes before encoding/storing
     filters: list[str] = field(default_factory=list)  # e.g. ["aesthetic >= 5", "pwatermark < 0.5"]
     random_crop: bool = False
     random_flip: bool = False
@@ -315,6 +319,9 @@ class CheckpointConfig:
     load_weights_only: Optional[str] = None  # a consolidated checkpoint to start from
     dir: str = "${run_dir}/checkpoints"
     save_at_end: bool = True
+    # How often (steps) ranks agree on signals (SIGUSR1/SIGTERM) and count non-finite steps: each check is a
+    # host sync and, with several ranks, an all-reduce; logged and checkpoint steps check as well.
+    signal_check_steps: int = 10
 
 
 @dataclass
@@ -429,7 +436,7 @@ def validate(cfg: Config) -> Config:
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
     for key in ("data.micro_batch_size", "data.global_batch_size", "trainer.max_steps",
-                "trainer.log_every_steps", "checkpoint.every_steps"):
+                "trainer.log_every_steps", "checkpoint.every_steps", "checkpoint.signal_check_steps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
     for key in ("launcher.nodes", "launcher.cpus_per_task", "launcher.timeout_min",
@@ -446,6 +453,16 @@ def validate(cfg: Config) -> Config:
                 "launcher.signal_delay_s", "launcher.max_num_timeout"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
+    for key in ("data.num_workers", "data.max_aspect_ratio", "data.max_pixels", "data.max_caption_bytes",
+                "optim.lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "trainer.max_nonfinite_steps"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
+    if cfg.data.min_size is not None and cfg.data.min_size < 0:
+        raise ConfigError(f"data.min_size={cfg.data.min_size} must be >= 0 (or null: a quarter of data.resolution)")
+    if 0 < cfg.data.max_aspect_ratio < 1:
+        raise ConfigError(f"data.max_aspect_ratio={cfg.data.max_aspect_ratio} must be >= 1 (or 0: no limit)")
+    if not all(0 <= b < 1 for b in cfg.optim.betas) or len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
@@ -454,10 +471,55 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of a composed config that the schema does not have, as full dotted paths (free-form dict
+    fields such as deepspeed.extra take anything). `+key=value` overrides bypass Hydra's own check."""
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in node:
+        if prefix == "" and key == "hydra":
+            continue
+        if key not in hints:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+            found += unknown_keys(node[key], hints[key], f"{prefix}{key}.")
+    return found
+
+
+def check_paths(cfg: Config) -> None:
+    """Fail at start, naming the key, on paths a run would otherwise trip on later (or deep in a library):
+    run_dir and checkpoint.dir must be creatable, writable folders; local data.train_shards must exist."""
+    import os
+
+    for key in ("run_dir", "checkpoint.dir"):
+        path = Path(_get(cfg, key))
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}={str(path)!r} is a file, not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"{key}={str(path)!r} cannot be created: {err.strerror or err}") from None
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{key}={str(path)!r} is not writable")
+    for i, url in enumerate(cfg.data.train_shards):
+        if any(mark in url for mark in ("pipe:", "://", "::")):
+            continue  # streams and remote URLs are checked when opened
+        path = Path(url.split("{")[0]).parent if "{" in url else Path(url)
+        if not path.exists():
+            raise ConfigError(f"data.train_shards[{i}]={url!r}: {str(path)!r} does not exist (conf/experiment/"
+                              f"{cfg.name}.yaml says how to make its data; caches come from tools/cache_latents.py)")
+
+
 def to_object(cfg: DictConfig | Config) -> Config:
     """Turn a composed DictConfig into the typed `Config` (interpolations resolved)."""
     if isinstance(cfg, Config):
         return cfg
+    unknown = unknown_keys(cfg, Config)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}: not in the schema (ldmscale/config.py); "
+                          "check the spelling, or the section it belongs to")
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
 

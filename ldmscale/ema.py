@@ -45,6 +45,8 @@ class PartitionedEMA:
                 self._slices.append((start, max(start, end)))
                 offset += p.numel()
         self.shadow: list[torch.Tensor] = [t.detach().float().clone() for t in self._local_views()]
+        self._pairs_key: tuple[int, ...] = ()  # data pointers the cached views were made from
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
     def _local_views(self) -> list[torch.Tensor]:
         """This rank's current values of its partition, one (possibly empty) 1-d tensor per parameter."""
@@ -57,14 +59,28 @@ class PartitionedEMA:
         return 0.0 if step < self.start_step else self.decay
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = self.current_decay(step)
-        views = [v.float() for v in self._local_views()]
-        pairs = [(s, v) for s, v in zip(self.shadow, views) if s.numel()]
-        if pairs:
-            shadow, values = zip(*pairs)
-            torch._foreach_lerp_(list(shadow), list(values), 1.0 - decay)
+    def update(self, step: int, applied: torch.Tensor | float = 1.0) -> None:
+        """`applied`: 1, or a device 0/1 tensor that is 0 when the optimiser step was skipped (then the
+        shadow stays as it is, decided on the device without a host sync)."""
+        weight = (1.0 - self.current_decay(step)) * applied
+        shadow, views = self._update_pairs()
+        if shadow:
+            values = [v.float() for v in views] if views[0].dtype != torch.float32 else views
+            if torch.is_tensor(weight):  # one weight per tensor: the single-tensor overload reads it on the host
+                torch._foreach_lerp_(shadow, values, [weight.to(torch.float32)] * len(shadow))
+            else:
+                torch._foreach_lerp_(shadow, values, weight)
         self.num_updates += 1
+
+    def _update_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(shadow, live view) of every non-empty slice. Making 300 views costs as much as the lerp itself,
+        so they are kept, and remade only when a parameter's storage moved (DeepSpeed may reassign it)."""
+        key = tuple((p.ds_tensor if self.zero3 else p).data_ptr() for p in self._params)
+        if key != self._pairs_key:
+            keep = [(s, v) for s, v in zip(self.shadow, self._local_views()) if s.numel()]
+            self._pairs = ([s for s, _ in keep], [v for _, v in keep])
+            self._pairs_key = key
+        return self._pairs
 
     # ---- checkpoint state (per rank: it is this rank's partition)
     def state_dict(self) -> dict[str, Any]:
@@ -113,14 +129,6 @@ class PartitionedEMA:
         else:
             flat = padded[:total]
         return _unflatten(flat, self.names, [p.shape for p in self._params])
-
-    @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
-        """Load the full EMA weights into a plain (unpartitioned) copy of the module."""
-        full = self.full_state_dict()
-        params = dict(module.named_parameters())
-        for name, value in full.items():
-            params[name].copy_(value.to(params[name].dtype))
 
 
 def _unflatten(flat: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> dict[str, torch.Tensor]:

@@ -16,8 +16,6 @@ from torch import nn
 
 from ldmscale.config import Config, DiffusionConfig
 
-LATEST = "latest"  # checkpoint.py's pointer file: a folder holding it is a checkpoint folder
-
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -89,13 +87,19 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def run_checkpoint_dir(run_dir: str | Path) -> Path:
-    """Where a run's checkpoints are: run_dir itself (if it holds 'latest'), its checkpoint.dir, or ./checkpoints.
+    """Where a run's checkpoints are: run_dir itself (if it holds checkpoints), its checkpoint.dir, or ./checkpoints.
 
     checkpoint.dir is saved resolved against the run's own working directory, so a leading cfg.run_dir
     is re-rooted at `run_dir` (the run folder may have been moved or be read from elsewhere).
     """
+    from ldmscale.checkpoint import LATEST, META, complete_tags
+
     run_dir = Path(run_dir)
-    if (run_dir / LATEST).is_file():
+
+    def holds_checkpoints(folder: Path) -> bool:
+        return (folder / LATEST).is_file() or bool(complete_tags(folder))
+
+    if holds_checkpoints(run_dir):
         return run_dir
     candidates = []
     if (run_dir / "config.json").is_file():
@@ -106,9 +110,9 @@ def run_checkpoint_dir(run_dir: str | Path) -> Path:
         candidates.append(ckpt_dir)
     candidates.append(run_dir / "checkpoints")
     for candidate in candidates:
-        if (candidate / LATEST).is_file():
+        if holds_checkpoints(candidate):
             return candidate
-    raise FileNotFoundError(f"no complete checkpoint ('latest' file) in any of {[str(c) for c in candidates]}")
+    raise FileNotFoundError(f"no complete checkpoint ('latest' or step_*/{META}) in any of {[str(c) for c in candidates]}")
 
 
 def autoencoder_path(path: str | Path) -> Path:

@@ -54,10 +54,16 @@ def example_inputs(cfg: Config, batch: int = 1, device: str = "meta") -> tuple[A
     return latents, t, cond
 
 
-def flops_per_image(denoiser: torch.nn.Module, cfg: Config) -> int:
-    from ldmscale.models import count_flops
+def flops_per_image(cfg: Config) -> int:
+    """Forward FLOPs of the configured denoiser per image, counted on an uncompiled meta-device build (no
+    memory, no weights: also right when the trained one is compiled or ZeRO-3 partitioned)."""
+    import dataclasses
+
+    from ldmscale.models import build_denoiser, count_flops
 
     try:
+        with torch.device("meta"):
+            denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None, compile=False), cfg.conditioner)
         return count_flops(denoiser, *example_inputs(cfg))
     except Exception as error:  # an exotic conditioning the example misses: MFU shows 0, training goes on
         print(f"[ldmscale] FLOP count failed ({error}); MFU will read 0")
@@ -73,7 +79,7 @@ def dry_run(cfg: Config, world_size: int) -> dict[str, Any]:
         denoiser = build_denoiser(cfg.model, cfg.conditioner)
     params = sum(p.numel() for p in denoiser.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in denoiser.modules())
-    flops = flops_per_image(denoiser, cfg)
+    flops = flops_per_image(cfg)
     accumulation = gradient_accumulation_steps(cfg.data.global_batch_size, cfg.data.micro_batch_size, world_size)
     lines = [
         f"experiment      {cfg.name}",
@@ -98,6 +104,30 @@ def dry_run(cfg: Config, world_size: int) -> dict[str, Any]:
     return report
 
 
+def build_training_denoiser(cfg: Config, dist: Any) -> torch.nn.Module:
+    """The denoiser to train, with its initial weights, on this rank's device. Under ZeRO-3 with
+    deepspeed.zero3_init each rank materialises only its partition of every parameter (deepspeed.zero.Init)."""
+    from ldmscale.distributed import engine as eng
+    from ldmscale.models import build_denoiser
+
+    zero3_init = cfg.deepspeed.zero3_init and cfg.deepspeed.zero_stage == 3
+    if zero3_init and (cfg.model.weights or cfg.checkpoint.load_weights_only):
+        raise ValueError("deepspeed.zero3_init=true builds the denoiser already partitioned, and loading "
+                         "model.weights / checkpoint.load_weights_only into partitions is not supported: set "
+                         "deepspeed.zero3_init=false to start from weights")
+    ds_config = eng.build_ds_config(cfg.deepspeed, cfg.optim, micro_batch_size=cfg.data.micro_batch_size,
+                                    global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size)
+    with eng.zero3_init_context(ds_config, zero3_init):
+        denoiser = build_denoiser(cfg.model, cfg.conditioner)
+    if cfg.checkpoint.load_weights_only:
+        from ldmscale.checkpoint import load_weights
+
+        load_weights(denoiser, cfg.checkpoint.load_weights_only)
+    if torch.cuda.is_available() and not zero3_init:  # zero.Init already placed the partitions
+        denoiser = denoiser.to(f"cuda:{dist.local_rank}")
+    return denoiser
+
+
 def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
     """Engine(denoiser) + objective + EMA → DiffusionTask; also returns loader, accumulation, FLOPs/image."""
     from ldmscale.data.loader import build_loader
@@ -105,20 +135,13 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
     from ldmscale.distributed import engine as eng
     from ldmscale.ema import PartitionedEMA
     from ldmscale.evaluation.generated import LoopEvaluation
-    from ldmscale.models import build_denoiser
     from ldmscale.trainer import DiffusionTask, SampleGrid
 
-    denoiser = build_denoiser(cfg.model, cfg.conditioner)
-    if cfg.checkpoint.load_weights_only:
-        from ldmscale.checkpoint import load_weights
-
-        load_weights(denoiser, cfg.checkpoint.load_weights_only)
-    flops = flops_per_image(denoiser, cfg)
-    if torch.cuda.is_available():
-        denoiser = denoiser.to(f"cuda:{dist.local_rank}")
+    denoiser = build_training_denoiser(cfg, dist)
     engine = eng.initialize(denoiser, cfg.deepspeed, cfg.optim, micro_batch_size=cfg.data.micro_batch_size,
                             global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size,
                             max_steps=cfg.trainer.max_steps)
+    flops = flops_per_image(cfg)
     ema = PartitionedEMA(engine.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
     num_classes = cfg.conditioner.num_classes if cfg.conditioner.kind == "class" else None
     task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), ema, cond_kind=cfg.conditioner.kind,
@@ -131,21 +154,31 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
 
 
 def run(cfg: Config) -> None:
-    """Run one job described by `cfg` in this process (under python, torchrun, deepspeed or srun)."""
-    from ldmscale import checkpoint as ckpt
-    from ldmscale.config import save_resolved
+    """Run one job described by `cfg` in this process (under python, torchrun, deepspeed or srun).
+
+    Any rank's exception ends the whole job with that exception printed (env.fail_fast), never a hang.
+    """
     from ldmscale.distributed import env
-    from ldmscale.metrics import build_logger, detect_peak_flops
-    from ldmscale.trainer import Trainer
 
     if cfg.dry_run:
         dry_run(cfg, env.detect().world_size)
         return
-    backend = cfg.deepspeed.backend
-    dist = env.setup(backend)
+    dist = env.setup(cfg.deepspeed.backend)
+    with env.fail_fast(dist):
+        _run_stage(cfg, dist)
+    env.teardown()
+
+
+def _run_stage(cfg: Config, dist: Any) -> None:
+    from ldmscale import checkpoint as ckpt
+    from ldmscale.config import check_paths, save_resolved
+    from ldmscale.metrics import build_logger, detect_peak_flops
+    from ldmscale.trainer import Trainer
+
     engines: dict[str, Any] = {}
     logger = None
     try:
+        check_paths(cfg)
         seed_everything(cfg.seed, dist.rank)
         if dist.is_main:
             save_resolved(cfg, cfg.run_dir)
@@ -167,12 +200,11 @@ def run(cfg: Config) -> None:
         trainer.logger = logger
         ckpt.SAVE_REQUEST.install()
         trainer.fit()
-    finally:
+    finally:  # local cleanup only (no collectives): it also runs on the way out of a failure
         if logger is not None:
             logger.close()
         for engine in engines.values():
             engine.destroy()
-        env.teardown()
 
 
 register_configs()
@@ -182,13 +214,19 @@ register_configs()
 def main(composed: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from ldmscale.distributed import env
     from ldmscale.launch import launch
 
     cfg = to_object(composed)
-    if cfg.stage == "demo":  # the whole pipeline; each of its training steps is an ordinary run
+    if cfg.stage == "demo" and not cfg.dry_run:  # the whole pipeline; each of its steps is an ordinary run
         if cfg.launcher.kind != "local":
             raise SystemExit("stage=demo runs here, step by step; to use SLURM, submit its steps as "
                              "experiments (e.g. +experiment=ae_demo launcher=slurm), not the demo pipeline")
+        if env.detect().world_size > 1:  # every rank would run the pipeline and write the same files
+            raise SystemExit("stage=demo (the default without +experiment) runs the whole pipeline from one "
+                             "process: start it with `python -m ldmscale.train`, not torchrun/srun; to train one "
+                             "of its steps on several ranks, launch that step (e.g. +experiment=demo "
+                             "data.train_shards=[RUN_DIR/cache]) under torchrun")
         from ldmscale.pipeline import run_demo
 
         run_demo(cfg, list(HydraConfig.get().overrides.task))

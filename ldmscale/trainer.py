@@ -68,8 +68,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._iter: Iterator[dict[str, Any]] | None = None
-        self._loss_sum = torch.zeros(())
-        self._loss_count = 0
+        self._stats: torch.Tensor | None = None  # device-side step statistics, see train_one_step
         self.throughput = Throughput()
 
     # ---- the loop
@@ -80,9 +79,11 @@ class Trainer:
             self.maybe_log(out)
             self.maybe_sample()
             self.maybe_evaluate()
-            save, stop = self.checkpointer.request.agreed()
+            save, stop = self.checkpointer.request.agreed() if self.should_sync(self.step) else (False, False)
+            if self.check_nonfinite(out):
+                break
             self.maybe_checkpoint(requested=save)
-            if stop or self.check_nonfinite(out):
+            if stop:
                 break
         else:
             if self.checkpointer.cfg.save_at_end and self.checkpointer.last_saved_step != self.step:
@@ -90,6 +91,7 @@ class Trainer:
 
     # ---- events
     def train_one_step(self) -> dict[str, torch.Tensor]:
+        """One optimiser step. Loss and non-finite bookkeeping stay on the device (no host sync here)."""
         t0 = time.perf_counter()
         micro_batches = [self._next_batch() for _ in range(self.accumulation_steps)]
         data_wait = time.perf_counter() - t0
@@ -100,26 +102,39 @@ class Trainer:
         images = sum(_batch_size(b) for b in micro_batches) * self.world_size
         self.images_seen += images
         self.throughput.add(images, data_wait)
-        loss = out["loss"].detach().float().cpu() if out["loss"].device.type != "cpu" else out["loss"].float()
-        if not bool(out.get("skipped", torch.zeros(()))):
-            self._loss_sum = self._loss_sum + loss
-            self._loss_count += 1
+        loss = out["loss"].detach().float()
+        skipped = out["skipped"].to(loss.device, torch.float32)
+        if self._stats is None:
+            self._stats = torch.zeros(5, device=loss.device)
+        # [loss sum, loss count, consecutive skipped, longest run since the last check, skipped total]
+        run = (self._stats[2] + 1) * skipped
+        self._stats = torch.stack([self._stats[0] + torch.where(skipped > 0, 0.0, loss),
+                                   self._stats[1] + 1 - skipped, run,
+                                   torch.maximum(self._stats[3], run), self._stats[4] + skipped])
         self.logger.advance()
         return out
 
     def should_log(self, step: int) -> bool:
         return step % self.cfg.log_every_steps == 0 or step == self.cfg.max_steps
 
+    def should_sync(self, step: int) -> bool:
+        """Steps where the host may wait for the device: logged, signal-check and checkpoint steps.
+
+        Signals are agreed across ranks and non-finite steps counted only here; a SIGTERM waits at most
+        checkpoint.signal_check_steps steps, a run of non-finite steps is seen at the next such step."""
+        return (self.should_log(step) or step % self.checkpointer.cfg.signal_check_steps == 0
+                or self.checkpointer.should_save(step))
+
     def maybe_log(self, out: dict[str, torch.Tensor]) -> None:
         if not self.should_log(self.step):
             return
-        loss = self._loss_sum.clone().reshape(1) / max(1, self._loss_count)
+        loss = (self._stats[0] / self._stats[1].clamp(min=1)).reshape(1)
         if tdist.is_available() and tdist.is_initialized() and self.world_size > 1:
             tdist.all_reduce(loss)
             loss /= self.world_size
         rates = self.throughput.report()
         record = {"loss": loss.item(), "images_seen": self.images_seen, "epoch": self.epoch,
-                  "nonfinite_steps": self.nonfinite_total, **rates,
+                  "nonfinite_steps": self.nonfinite_total + int(self._stats[4].item()), **rates,
                   "mfu": mfu(rates["images_per_sec"], self.flops_per_image, self.world_size, self.peak_flops),
                   "peak_mem_gb": peak_memory_gb()}
         for name, engine in self.task.engines().items():
@@ -130,7 +145,7 @@ class Trainer:
             if key not in ("loss", "skipped") and torch.is_tensor(value) and value.numel() == 1:
                 record[key] = value.item()
         self.logger.log(self.step, record)
-        self._loss_sum, self._loss_count = torch.zeros(()), 0
+        self._stats = torch.cat([torch.zeros(2, device=self._stats.device), self._stats[2:]])
 
     def maybe_sample(self) -> None:
         every = self.cfg.sample_every_steps
@@ -151,27 +166,50 @@ class Trainer:
             self.checkpointer.request.clear()
 
     def check_nonfinite(self, out: dict[str, torch.Tensor]) -> bool:
-        """Count skipped steps; after max_nonfinite_steps in a row save the last good state and stop."""
-        if not bool(out.get("skipped", torch.zeros(()))):
-            self.nonfinite_in_a_row = 0
+        """On sync steps, count the skipped (non-finite) steps since the last check; after
+        max_nonfinite_steps in a row stop, naming the last good checkpoint. Other steps: no host sync.
+
+        No checkpoint is written during a streak (see save): the weights may have diverged a step before
+        the loss turned non-finite (a huge but finite gradient), so the good state is the last checkpoint
+        saved before the streak, which stays `latest` and is kept by retention.
+        """
+        if self._stats is None or not self.should_sync(self.step):
             return False
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        self.logger.write(f"step {self.step}: non-finite loss, step skipped "
-                          f"({self.nonfinite_in_a_row}/{self.cfg.max_nonfinite_steps} in a row)")
-        if self.nonfinite_in_a_row < self.cfg.max_nonfinite_steps:
+        _, _, in_a_row, longest, total = (int(v) for v in self._stats.tolist())
+        self._stats = torch.cat([self._stats[:3], self._stats[2:3], torch.zeros(1, device=self._stats.device)])
+        self.nonfinite_in_a_row = in_a_row
+        if not total:
             return False
-        # Skipped steps left the weights untouched, so the current engine state is the last good one.
-        path = self.save()
+        self.nonfinite_total += total
+        self.logger.write(f"step {self.step}: {total} non-finite loss(es) since the last check, steps skipped "
+                          f"(longest run {longest}/{self.cfg.max_nonfinite_steps} in a row)")
+        if longest < self.cfg.max_nonfinite_steps:
+            return False
+        # The streak lies between the last check and this one; it starts exactly here if it is still going on.
+        first_bad = self.step - longest + 1 if in_a_row == longest else None
+        seen = f"at step {first_bad}" if first_bad else f"before step {self.step}"
+        good = ckpt.latest_tag(self.checkpointer.dir)
+        if good is not None and (self.checkpointer.dir / good / ckpt.META).is_file():
+            where = (f"The last good weights are those of step {int(good.split('_')[1])}, in "
+                     f"{self.checkpointer.dir / good} (saved before the first non-finite loss {seen}; "
+                     "it stays 'latest'). Re-run the same command with a lower LR "
+                     "(e.g. optim.lr=<a third of it>; the configured LR wins on resume) to go on from there; "
+                     "if it diverges again, point checkpoints/latest at an older step_* folder")
+        else:
+            where = ("No checkpoint was saved before the divergence: start again with a lower optim.lr")
         raise NonFiniteLossError(
-            f"{self.nonfinite_in_a_row} consecutive non-finite losses up to step {self.step} "
-            f"(trainer.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); the last good weights are "
-            f"saved in {path}. Lower optim.lr, raise optim.warmup_steps, switch deepspeed.precision to "
-            "bf16/fp32, or check the data"
+            f"{longest} consecutive non-finite losses {seen} up to step {self.step} "
+            f"(trainer.max_nonfinite_steps={self.cfg.max_nonfinite_steps}). {where}. Also consider a longer "
+            "optim.warmup_steps, deepspeed.precision=bf16/fp32, or checking the data"
         )
 
     # ---- state
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Collective checkpoint of the whole state; skipped while losses are non-finite (see check_nonfinite)."""
+        if self.nonfinite_in_a_row:
+            self.logger.write(f"step {self.step}: no checkpoint while losses are non-finite; 'latest' keeps "
+                              "the last good state")
+            return None
         client = {"step": self.step, "images_seen": self.images_seen, "epoch": self.epoch,
                   "nonfinite_total": self.nonfinite_total, "rng": ckpt.rng_state(),
                   "loader": _loader_state(self.loader), "task": self.task.state_dict()}
@@ -230,8 +268,8 @@ COND_KEYS = ("context", "context_mask", "pooled", "class_labels", "boxes", "box_
 class EngineTask:
     """One DeepSpeed engine, a per-sample loss and an EMA: the shared core of single-network tasks.
 
-    Non-finite losses are detected on every micro-batch (one all-reduced flag) BEFORE backward, so a
-    bad batch never reaches the weights; all ranks agree and skip together.
+    A non-finite loss on any rank and micro-batch drops the whole optimiser step on every rank (see
+    Engine.backward) and the EMA update with it, decided on the device: no host sync per step.
     """
 
     name = "model"
@@ -248,19 +286,15 @@ class EngineTask:
 
     def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
         total = torch.zeros((), device=self.engine.device)
-        skipped = False
         for batch in micro_batches:
             loss = self.loss(batch).mean()
-            if skipped or not self.engine.all_finite(loss):
-                skipped = True
-                self.engine.skip_micro_step()
-                continue
             self.engine.backward(loss)
             self.engine.step()
             total = total + loss.detach().float()
-        if self.ema is not None and not skipped:
-            self.ema.update(step)
-        return {"loss": total / len(micro_batches), "skipped": torch.tensor(float(skipped))}
+        skipped = self.engine.skipped  # device 0/1: the optimiser update was dropped (non-finite)
+        if self.ema is not None:
+            self.ema.update(step, applied=1.0 - skipped)
+        return {"loss": total / len(micro_batches), "skipped": skipped}
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(),

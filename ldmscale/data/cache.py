@@ -119,6 +119,43 @@ def weights_file_fingerprint(path: Optional[str]) -> Optional[str]:
     return file_sha256(path) if path and os.path.isfile(path) else None
 
 
+NO_WEIGHTS = "none (seeded random init)"
+
+
+def weights_source_fingerprint(path: Optional[str], pipeline_part: str = "vae") -> str:
+    """Which weights an encoder was built from, for every kind of source: none (the seeded init), a file
+    (an export, an LDM/SD checkpoint) or a folder (a stage-1 run directory, our export, a diffusers folder;
+    of a diffusers pipeline only `pipeline_part`), as a sha256 of the bytes that are loaded."""
+    if not path:
+        return NO_WEIGHTS
+    if os.path.isfile(path):
+        return f"file sha256:{file_sha256(path)}"
+    if not os.path.isdir(path):
+        return f"missing: {path}"
+    from ldmscale.runs import autoencoder_path
+
+    folder = autoencoder_path(path)
+    if (folder / "model_index.json").is_file() and (folder / pipeline_part).is_dir():
+        folder = folder / pipeline_part
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(folder).as_posix()}:{file_sha256(str(file))}\n".encode())
+    return f"folder sha256:{digest.hexdigest()}"
+
+
+def weights_mismatch(key: str, path: Optional[str], cached: dict[str, Any], pipeline_part: str = "vae"
+                     ) -> Optional[str]:
+    """A one-line problem if `path` (config key `key`) is not the weights source the cache was made from."""
+    if "weights_source" not in cached:  # a cache from before sources were fingerprinted: files only
+        if path and weights_file_fingerprint(path) != cached.get("weights_file_sha256"):
+            return f"{key}={path!r} has another sha256 than the weights the cache was made with"
+        return None
+    now = weights_source_fingerprint(path, pipeline_part)
+    if now != cached["weights_source"]:
+        return f"{key}={path!r}: the cache was made from {cached['weights_source']}, this config gives {now}"
+    return None
+
+
 def latent_layout(ae_cfg: Any) -> dict[str, Any]:
     """Channels M of the stored tensor and the spatial downsampling, from the config alone."""
     channels = 2 * ae_cfg.embed_dim if ae_cfg.kind == "kl" else ae_cfg.embed_dim
@@ -154,16 +191,19 @@ class CacheSpec:
                 raise ValueError(f"bucket {h}x{w} is not divisible by the autoencoder's downsampling {real_ds}")
         text = encoders.text_encoder
         ae_dtype = str(next(encoders.autoencoder.parameters()).dtype).removeprefix("torch.")
+        rules = SampleFilter.from_config(data_cfg, require_caption=text is not None)
         fingerprint = {
             "encoders": {
                 "autoencoder": {"config": autoencoder_config_fingerprint(ae_cfg),
                                 "weights_sha256": weights_hash(encoders.autoencoder),
                                 "weights_file_sha256": weights_file_fingerprint(ae_cfg.weights),
+                                "weights_source": weights_source_fingerprint(ae_cfg.weights),
                                 "dtype": ae_dtype},
                 "text": None if text is None else {
                     "config": text_config_fingerprint(cond_cfg),
                     "fingerprint": _jsonable(text.fingerprint()),
                     "weights_file_sha256": weights_file_fingerprint(cond_cfg.text_weights),
+                    "weights_source": weights_source_fingerprint(cond_cfg.text_weights, "text_encoder"),
                     "width": int(text.width),
                 },
             },
@@ -173,13 +213,14 @@ class CacheSpec:
             "text": None if text is None else {"context_length": cond_cfg.context_length,
                                                "width": int(text.width), "dtype": dtype_name(cache_cfg.text_dtype)},
             "transform": {"random_crop": data_cfg.random_crop, "random_flip": data_cfg.random_flip,
-                          "min_size": data_cfg.min_size, "max_aspect_ratio": data_cfg.max_aspect_ratio,
+                          "min_size": rules.min_size, "max_aspect_ratio": rules.max_aspect_ratio,
+                          "max_pixels": rules.max_pixels, "max_caption_bytes": rules.max_caption_bytes,
                           "filters": list(data_cfg.filters), "seed": seed},
             "concat": concat_spec(cond_cfg),
         }
         if cache_cfg.batch_size <= 0:
             raise ValueError(f"cache.batch_size={cache_cfg.batch_size} must be positive")
-        return cls(buckets, SampleFilter.from_config(data_cfg, require_caption=text is not None),
+        return cls(buckets, rules,
                    data_cfg.random_crop, data_cfg.random_flip, cache_cfg.batch_size,
                    cache_cfg.latent_dtype, cache_cfg.text_dtype, cond_cfg.context_length, seed, fingerprint,
                    fingerprint["concat"])

@@ -34,7 +34,7 @@ from ldmscale.data.cache import (
     autoencoder_config_fingerprint,
     latent_layout,
     text_config_fingerprint,
-    weights_file_fingerprint,
+    weights_mismatch,
 )
 from ldmscale.data.cache_format import (
     FORMAT_NAME,
@@ -153,8 +153,7 @@ def check_manifest(manifest: dict[str, Any], data_cfg: Any, cond_cfg: Any, ae_cf
     if diff:
         problems.append("autoencoder." + ", autoencoder.".join(
             f"{k}: cache {ae_cached['config'].get(k)!r} vs config {ae_now.get(k)!r}" for k in diff))
-    if ae_cfg.weights and weights_file_fingerprint(ae_cfg.weights) != ae_cached.get("weights_file_sha256"):
-        problems.append(f"autoencoder.weights={ae_cfg.weights!r} has another sha256 than the weights the cache was made with")
+    problems += filter(None, [weights_mismatch("autoencoder.weights", ae_cfg.weights, ae_cached)])
     if cond_cfg.kind == "text":
         text = manifest["encoders"].get("text")
         if text is None:
@@ -163,8 +162,8 @@ def check_manifest(manifest: dict[str, Any], data_cfg: Any, cond_cfg: Any, ae_cf
             now = text_config_fingerprint(cond_cfg)
             diff = sorted(k for k in now if now[k] != text["config"].get(k))
             problems += [f"conditioner.{k}: cache {text['config'].get(k)!r} vs config {now[k]!r}" for k in diff]
-            if cond_cfg.text_weights and weights_file_fingerprint(cond_cfg.text_weights) != text.get("weights_file_sha256"):
-                problems.append(f"conditioner.text_weights={cond_cfg.text_weights!r} differs from the cache's")
+            problems += filter(None, [weights_mismatch("conditioner.text_weights", cond_cfg.text_weights, text,
+                                                       "text_encoder")])
     need = concat_spec(cond_cfg)
     if need is not None and manifest.get("concat") != need:
         problems.append(f"conditioner.kind={cond_cfg.kind} needs derived inputs {need} but the cache holds "

@@ -338,11 +338,21 @@ class SampleFilter:
     max_aspect_ratio: float = 0.0
     predicates: tuple[Predicate, ...] = ()
     require_caption: bool = True
+    max_pixels: int = 0  # 0: no limit
+    max_caption_bytes: int = 0  # 0: no limit
 
     @classmethod
     def from_config(cls, data_cfg: Any, require_caption: bool) -> SampleFilter:
-        return cls(data_cfg.min_size, data_cfg.max_aspect_ratio,
-                   tuple(parse_predicate(p) for p in data_cfg.filters), require_caption)
+        min_size = data_cfg.resolution // 4 if data_cfg.min_size is None else data_cfg.min_size
+        return cls(min_size, data_cfg.max_aspect_ratio, tuple(parse_predicate(p) for p in data_cfg.filters),
+                   require_caption, data_cfg.max_pixels, data_cfg.max_caption_bytes)
+
+
+def cut_caption(caption: str, max_bytes: int) -> str:
+    """The caption cut to at most `max_bytes` UTF-8 bytes, never inside a character (0: whole)."""
+    if not max_bytes or len(caption) * 4 <= max_bytes:
+        return caption
+    return caption.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
 
 
 def decode_sample(raw: dict[str, Any], rules: SampleFilter) -> RawSample:
@@ -366,6 +376,9 @@ def decode_sample(raw: dict[str, Any], rules: SampleFilter) -> RawSample:
         caption = raw["txt"].decode("utf-8", errors="replace").strip()
     if not caption and isinstance(meta.get("caption"), str):
         caption = meta["caption"].strip()
+    caption = cut_caption(caption, rules.max_caption_bytes)
+    if isinstance(meta.get("caption"), str):  # stored in every record's metadata: cut there too
+        meta["caption"] = cut_caption(meta["caption"], rules.max_caption_bytes)
     if rules.require_caption and not caption:
         raise SkipSample("missing_caption", where)
     for predicate in rules.predicates:
@@ -386,6 +399,8 @@ def decode_sample(raw: dict[str, Any], rules: SampleFilter) -> RawSample:
         raise SkipSample("too_small", f"{where}: {width}x{height} < {rules.min_size}")
     if rules.max_aspect_ratio and max(width, height) / max(1, min(width, height)) > rules.max_aspect_ratio:
         raise SkipSample("extreme_aspect", f"{where}: {width}x{height}")
+    if rules.max_pixels and width * height > rules.max_pixels:  # before decoding: a 12000² PNG is 2 GB
+        raise SkipSample("too_many_pixels", f"{where}: {width}x{height} > data.max_pixels={rules.max_pixels}")
     try:
         image.load()
         image = image.convert("RGB")

@@ -21,8 +21,47 @@ from ldmscale.config import DeepSpeedConfig, OptimConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set before the import)
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: E402
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
+
+from ldmscale.checkpoint import load_data  # noqa: E402
+
+# The only non-tensor classes in DeepSpeed's checkpoint files (ZeRO 0-3; fp32, bf16, fp16), found with
+# torch.serialization.get_unsafe_globals_in_checkpoint: plain records of numbers, rebuilt from their fields.
+DEEPSPEED_SAFE_GLOBALS = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+
+
+def load_deepspeed_file(path: str, map_location: Any = "cpu", **kwargs: Any) -> Any:
+    """One DeepSpeed checkpoint file, as data (weights_only with DEEPSPEED_SAFE_GLOBALS)."""
+    return load_data(path, map_location=map_location, allowed=DEEPSPEED_SAFE_GLOBALS, **kwargs)
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with `load` replaced by a weights-only load; the rest delegates."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_deepspeed_file(path, map_location=map_location)
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """DeepSpeed also calls torch.load(weights_only=False) directly (zero_to_fp32, ZeRO-3 helpers); inside
+    this block every such call loads as data. Used only around DeepSpeed's loading entry points."""
+    original = torch.load
+    torch.load = load_deepspeed_file
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 class BatchArithmeticError(ValueError):
@@ -129,10 +168,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim: OptimConfig, *, skip_on_device: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`. `skip_on_device`: torch's fused AdamW, whose `found_inf` tensor skips an
+    update on the device (ZeRO-0 fp32, where DeepSpeed has no overflow check of its own)."""
     groups = param_groups(model, optim.weight_decay)
     kwargs = _adam_kwargs(optim)
     kwargs.pop("weight_decay")
+    if skip_on_device:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     if optim.fused and torch.cuda.is_available():
         from deepspeed.ops.adam import FusedAdam
 
@@ -141,15 +184,27 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
 
 
 class Engine:
-    """A DeepSpeed engine with the few calls the trainer needs; `module` is the wrapped model."""
+    """A DeepSpeed engine with the few calls the trainer needs; `module` is the wrapped model.
 
-    def __init__(self, ds_engine: Any, ds_config: dict[str, Any], lr_scheduler: Any):
+    Non-finite steps are skipped without a host sync of ours: `backward` turns a non-finite loss into
+    non-finite gradients, and the optimiser update at the boundary is dropped by DeepSpeed's own overflow
+    check (ZeRO 1-3, bf16, fp16) or, at ZeRO-0 fp32, by torch's fused AdamW reading a device `found_inf`.
+    `skipped` is a device 0/1 tensor for the last optimiser step; the trainer reads it when it syncs anyway.
+    """
+
+    def __init__(self, ds_engine: Any, ds_config: dict[str, Any], lr_scheduler: Any, *,
+                 gradient_clipping: float | None = None, skip_on_device: bool = False):
         self._ds = ds_engine
         self.config = ds_config
         self.lr_scheduler = lr_scheduler
         self.zero_stage: int = ds_config["zero_optimization"]["stage"]
         self.gradient_accumulation_steps: int = ds_config["gradient_accumulation_steps"]
+        self.gradient_clipping = ds_config["gradient_clipping"] if gradient_clipping is None else gradient_clipping
+        self.skip_on_device = skip_on_device  # we clip and skip (ZeRO-0 fp32); else DeepSpeed does
+        self._params = list(ds_engine.module.parameters())  # walking the module tree costs ~1 ms a step
         self._last_grad_norm = torch.zeros(())
+        self._flags = torch.tensor([0.0, 1.0], device=self.device)  # (not skipped, skipped): no H2D copy later
+        self.skipped = self._flags[0]
         self.track_grad_norm = False  # set by the trainer for the steps it logs
 
     # ---- compute
@@ -177,25 +232,43 @@ class Engine:
     forward = __call__
 
     def all_finite(self, loss: torch.Tensor) -> bool:
-        """True when `loss` is finite on every rank (one tiny all-reduce and one host sync)."""
+        """True when `loss` is finite on every rank: an all-reduce and a host sync, for callers that must
+        decide at once (the stage-1 GAN step); the diffusion step relies on `skipped` instead."""
         flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
         return bool(flag.item())
 
     def backward(self, loss: torch.Tensor) -> None:
-        self._ds.backward(loss)
+        """Backward of `loss`; a non-finite loss is made to poison every gradient (×NaN), so the overflow
+        check at the boundary drops the whole optimiser step on every rank (the gradient reduction spreads
+        the NaN). A finite loss is multiplied by exactly 1."""
+        poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
+        self._ds.backward(loss * poison)
 
     def step(self) -> None:
         """DeepSpeed's step: a no-op between accumulation boundaries, the optimiser update at one."""
-        if self.track_grad_norm and self.zero_stage == 0 and self._ds.is_gradient_accumulation_boundary():
-            # ZeRO-0 with a torch optimizer leaves DeepSpeed's norm unset; the gradients sit on the
-            # parameters until step() zeroes them, so take the norm here (a tensor: no host sync).
-            grads = [p.grad for p in self._ds.module.parameters() if p.grad is not None]
+        boundary = self._ds.is_gradient_accumulation_boundary()
+        if boundary and self.skip_on_device:
+            self.optimizer.found_inf = None  # set below from this step's gradients
+        if boundary and (self.skip_on_device or (self.track_grad_norm and self.zero_stage == 0)):
+            # ZeRO-0 leaves DeepSpeed's norm unset; the gradients sit on the parameters until step() zeroes
+            # them. One foreach norm (a tensor: no host sync) serves the log, the clip and the skip.
+            grads = [p.grad for p in self._params if p.grad is not None]
             if grads:
-                self._last_grad_norm = torch.linalg.vector_norm(
-                    torch.stack(torch._foreach_norm(grads)).float())
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+                self._last_grad_norm = norm
+                if self.skip_on_device:
+                    if self.gradient_clipping > 0:  # torch's clip_grad_norm_ rule, as one foreach multiply
+                        torch._foreach_mul_(grads, (self.gradient_clipping / (norm + 1e-6)).clamp(max=1.0))
+                    self.optimizer.found_inf = (~torch.isfinite(norm)).float()
         self._ds.step()
+        if boundary:
+            if self.skip_on_device:
+                found_inf = getattr(self.optimizer, "found_inf", None)
+                self.skipped = self._flags[0] if found_inf is None else found_inf
+            else:  # DeepSpeed synced for its own overflow check already: reading its flag costs nothing
+                self.skipped = self._flags[int(bool(getattr(self._ds.optimizer, "overflow", False)))]
 
     def skip_micro_step(self) -> None:
         """Account for a micro-batch whose backward was skipped, so accumulation boundaries stay aligned."""
@@ -203,10 +276,7 @@ class Engine:
             self._ds.micro_steps += 1
         elif self.gradient_accumulation_steps > 1:
             # The finite micro-batches of this step still update (scaled by 1/accumulation).
-            self._ds.step()
-
-    def is_boundary(self) -> bool:
-        return bool(self._ds.is_gradient_accumulation_boundary())
+            self.step()
 
     def grad_norm(self) -> float:
         norm = self._ds.get_global_grad_norm()
@@ -227,12 +297,26 @@ class Engine:
         self._ds.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
 
     def load(self, load_dir: str, tag: str, *, load_optimizer_states: bool = True) -> dict[str, Any]:
-        path, client_state = self._ds.load_checkpoint(
-            load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
-            load_lr_scheduler_states=load_optimizer_states,
-        )
+        """Every file is read as data (WeightsOnlyCheckpointEngine); a file holding code is refused, named."""
+        if not isinstance(self._ds.checkpoint_engine, WeightsOnlyCheckpointEngine):
+            self._ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self._ds.checkpoint_engine)
+        scheduler = self.lr_scheduler
+        configured = list(getattr(scheduler, "base_lrs", []))
+        with _weights_only_torch_load():
+            path, client_state = self._ds.load_checkpoint(
+                load_dir, tag=tag, load_optimizer_states=load_optimizer_states,
+                load_lr_scheduler_states=load_optimizer_states,
+            )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {load_dir}")
+        if configured and list(scheduler.base_lrs) != configured:
+            # The configured optim.lr wins over the saved one, so "resume with a lower LR" (the advice after
+            # a divergence) takes effect; the schedule's position (warmup, cosine) is the checkpoint's.
+            scheduler.base_lrs = configured
+            factors = [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+            for group, base, factor in zip(scheduler.optimizer.param_groups, configured, factors):
+                group["lr"] = base * factor
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
         return client_state or {}
 
     def destroy(self) -> None:
@@ -242,9 +326,6 @@ class Engine:
             destroy()
 
     # ---- ZeRO-3 partition access, for EMA and export
-    def partitioned_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return iter(self.module.named_parameters())
-
     @contextlib.contextmanager
     def gathered_parameters(self, params: list[nn.Parameter] | None = None, modifier_rank: int | None = None):
         """Full parameters inside the block (ZeRO-3 all-gathers them; other stages are full already)."""
@@ -269,7 +350,14 @@ def initialize(
     """Wrap `model` (already built, on CPU or the local device) in DeepSpeed with AdamW and the lr schedule."""
     ds_config = build_ds_config(ds, optim, micro_batch_size=micro_batch_size,
                                 global_batch_size=global_batch_size, world_size=world_size)
-    optimizer = None if "optimizer" in ds_config else build_optimizer(model, optim)
+    # ZeRO-0 fp32 has no DeepSpeed overflow check, and its per-parameter clip costs ~5x a foreach one:
+    # the Engine clips and skips there itself (DeepSpeed is told not to clip).
+    skip_on_device = ds_config["zero_optimization"]["stage"] == 0 and ds.precision == "fp32" \
+        and "optimizer" not in ds_config
+    clipping = ds_config["gradient_clipping"]
+    if skip_on_device:
+        ds_config = dict(ds_config, gradient_clipping=0.0)
+    optimizer = None if "optimizer" in ds_config else build_optimizer(model, optim, skip_on_device=skip_on_device)
     factor = lr_lambda(optim, max_steps)
     holder: dict[str, Any] = {}
 
@@ -282,7 +370,8 @@ def initialize(
         model=model, optimizer=optimizer, model_parameters=model_parameters,
         lr_scheduler=make_scheduler, config=ds_config,
     )
-    engine = Engine(ds_engine, ds_config, scheduler or holder.get("sched"))
+    engine = Engine(ds_engine, ds_config, scheduler or holder.get("sched"), gradient_clipping=clipping,
+                    skip_on_device=skip_on_device)
     if world_size == 1 and engine.zero_stage == 0 and engine.compute_dtype == torch.float32:
         # Alone, DeepSpeed would still flatten, "all-reduce" and copy back every gradient each step (6% of
         # the demo's step on CPU) for an identical result. (The bf16/fp16 optimizers keep their own path.)
@@ -294,6 +383,7 @@ def zero3_init_context(ds_config: dict[str, Any] | None, enabled: bool):
     """Build a model directly partitioned (deepspeed.zero.Init) when ZeRO-3 is asked for."""
     if not enabled or ds_config is None or ds_config["zero_optimization"]["stage"] != 3:
         return contextlib.nullcontext()
+    deepspeed.init_distributed()  # adopts the process group env.setup made (zero.Init reads the world size)
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
@@ -356,10 +446,11 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str, zero_stage: int) -> di
         path = os.path.join(folder, "mp_rank_00_model_states.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: a ZeRO-0 checkpoint keeps the module there")
-        module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        module = load_deepspeed_file(path)["module"]
         return {name: value.detach().float() if value.is_floating_point() else value.detach()
                 for name, value in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    with _weights_only_torch_load():
+        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     return {name: value.detach().cpu().contiguous() for name, value in state.items()}

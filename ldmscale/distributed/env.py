@@ -7,13 +7,19 @@ reads launcher variables itself.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import re
 import socket
 import sys
-from collections.abc import Mapping, MutableMapping
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -31,10 +37,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -154,19 +156,114 @@ def setup(backend: str = "auto") -> DistEnv:
         tdist.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
         atexit.register(teardown)
     _CURRENT = dist
+    if dist.is_distributed:
+        _PEERS.start(dist)
     return dist
 
 
+class _PeerWatch:
+    """Ends this rank as soon as another rank reports a failure through the rendezvous store.
+
+    A peer's death only surfaces at our next collective, and under NCCL that collective may wait out its
+    timeout (minutes); a rank busy outside collectives (data loading, a save) would not notice at all,
+    and torchrun's SIGTERM is taken as "save and stop". So a failing rank sets a key in the job's
+    TCPStore (the launcher's, at MASTER_ADDR:MASTER_PORT) and every rank has a daemon thread blocked on
+    that key, on its own store connection (no polling, no load on the store).
+    """
+
+    def __init__(self) -> None:
+        self.store: Any = None
+        self.stopping = threading.Event()
+
+    @staticmethod
+    def key() -> str:  # one per torchrun restart round: an old failure must not end a restarted job
+        return f"ldmscale/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def _connect(self, dist: DistEnv) -> Any:
+        import torch.distributed as tdist
+
+        return tdist.TCPStore(dist.master_addr, dist.master_port, is_master=False,
+                              timeout=timedelta(seconds=30), wait_for_workers=False)
+
+    def start(self, dist: DistEnv) -> None:
+        try:
+            self.store = self._connect(dist)
+            watcher = self._connect(dist)
+        except Exception:  # no reachable store (an unusual launcher): collectives and the launcher remain
+            return
+        threading.Thread(target=self._watch, args=(watcher, dist), name="ldmscale-peer-watch", daemon=True).start()
+
+    def _watch(self, store: Any, dist: DistEnv) -> None:
+        while not self.stopping.is_set():
+            try:
+                store.wait([self.key()], timedelta(days=1))
+            except Exception:  # a timeout, or the store went away at the end of the job
+                if self.stopping.wait(1.0):
+                    return
+                continue
+            if self.stopping.is_set():
+                return
+            failed = store.get(self.key()).decode()
+            sys.stderr.write(f"[ldmscale] rank {dist.rank}: stopping, rank {failed} failed (its error is above)\n")
+            sys.stderr.flush()
+            os._exit(1)
+
+    def report(self, rank: int) -> None:
+        """Tell every peer that `rank` failed; keep the store up a moment in case this process hosts it."""
+        self.stopping.set()  # this rank exits on its own
+        if self.store is not None:
+            try:
+                self.store.set(self.key(), str(rank))
+                time.sleep(1.0)
+            except Exception:
+                pass
+
+
+_PEERS = _PeerWatch()
+
+
 def teardown() -> None:
-    """Destroy the process group; skipping this crashed ~4% of runs at exit (SIGABRT)."""
+    """Destroy the process group after a clean run; skipping this crashed ~4% of runs at exit (SIGABRT).
+
+    Only for the success path: after a failure the barrier would wait for peers that are blocked in a
+    collective the failed rank never joins (see fail_fast).
+    """
     import torch.distributed as tdist
 
+    _PEERS.stopping.set()  # before the barrier: a peer may leave (and take the store with it) right after
     if tdist.is_available() and tdist.is_initialized():
         try:
             tdist.barrier()
         except Exception:  # a dead peer must not stop our own clean exit
             pass
         tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def fail_fast(dist: DistEnv | None = None) -> Iterator[None]:
+    """One rank's exception ends the whole job, now, with that exception printed.
+
+    With several ranks the failed one prints its traceback (prefixed with its rank) and leaves with
+    os._exit(1): no teardown barrier, no atexit hook that could wait on peers. Its sockets close, so the
+    peers' next collective fails at once (and torchrun/srun stop them too) instead of waiting out the
+    process-group timeout. A single process re-raises as usual.
+    """
+    dist = dist or current()
+    try:
+        yield
+    except BaseException as err:
+        if isinstance(err, SystemExit) and err.code in (0, None):
+            raise
+        if dist.world_size == 1:
+            raise
+        message = "".join(traceback.format_exception(err))
+        sys.stderr.write("".join(f"[rank {dist.rank}] {line}\n" for line in message.rstrip().splitlines()))
+        sys.stderr.write(f"[ldmscale] rank {dist.rank} of {dist.world_size} failed: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''} - ending the job\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        _PEERS.report(dist.rank)
+        os._exit(1)
 
 
 def current() -> DistEnv:

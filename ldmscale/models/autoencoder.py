@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from ldmscale.config import AutoencoderConfig
 
 
 def Normalize(channels: int, num_groups: int = 32) -> nn.GroupNorm:
@@ -411,9 +414,6 @@ class VQModel(_LatentScaling, nn.Module):
     def latent_from_moments(self, moments: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return moments
 
-    def quantize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.quantize.codes_to_latents(self.quantize.lookup(latents))
-
     def decode(self, latents: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
         if not force_not_quantize:
             latents, *_ = self.quantize(latents)
@@ -436,11 +436,11 @@ class VQModel(_LatentScaling, nn.Module):
         return self
 
 
-def build_autoencoder(cfg) -> AutoencoderKL | VQModel:
+def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL | VQModel:
     """Build from an `AutoencoderConfig`; `cfg.weights` (a file or folder) loads trained weights."""
     common = dict(ch=cfg.ch, ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                   attn_resolutions=list(cfg.attn_resolutions), in_channels=cfg.in_channels, out_ch=cfg.out_ch,
-                  resolution=getattr(cfg, "resolution", 256), z_channels=cfg.z_channels, embed_dim=cfg.embed_dim,
+                  resolution=cfg.resolution, z_channels=cfg.z_channels, embed_dim=cfg.embed_dim,
                   dropout=cfg.dropout, scale_factor=cfg.scale_factor, shift_factor=cfg.shift_factor)
     if cfg.kind == "kl":
         model: AutoencoderKL | VQModel = AutoencoderKL(double_z=cfg.double_z, **common)

@@ -6,7 +6,7 @@ an identity key map and `interop.py` only has to translate diffusers names."""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ldmscale.models.attention import BACKENDS, SpatialTransformer, xformers_available
 from ldmscale.models.conditioners import rasterize_boxes
+
+if TYPE_CHECKING:
+    from ldmscale.config import ConditionerConfig, UNetConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -253,8 +256,8 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
         if context is not None:
             context = context.to(dtype)
-        if context_mask is not None and not context_mask.is_meta and bool(context_mask.all()):
-            context_mask = None  # all real tokens: let SDPA pick its fastest kernel (meta: no values to check)
+        # The mask is passed on as it is: dropping an all-True one would need its values on the host (a sync
+        # per forward). Only cross-attention sees it; a caller without padding passes None for SDPA's flash path.
         h = x.to(dtype)
         skips = []
         for block in self.input_blocks:
@@ -266,31 +269,53 @@ class UNet(nn.Module):
         return self.out(h)  # [B,Cout,h,w]
 
 
-def unet_kwargs(cfg) -> dict[str, Any]:
-    """UNet constructor arguments from a `UNetConfig` (or any object with the same fields)."""
-    fields = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
-              "attention_resolutions", "num_heads", "num_head_channels", "transformer_depth",
-              "transformer_depth_middle", "context_dim", "use_linear_in_transformer", "use_scale_shift_norm",
-              "resblock_updown", "conv_resample", "dropout", "num_classes", "adm_in_channels", "norm_num_groups",
-              "attention_backend", "gradient_checkpointing")
-    kwargs = {name: getattr(cfg, name) for name in fields if hasattr(cfg, name)}
-    for name in ("channel_mult", "attention_resolutions", "transformer_depth"):
-        kwargs[name] = list(kwargs[name])
-    return kwargs
+def unet_kwargs(cfg: UNetConfig) -> dict[str, Any]:
+    """UNet constructor arguments from a `UNetConfig`."""
+    return dict(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, model_channels=cfg.model_channels,
+        channel_mult=list(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
+        attention_resolutions=list(cfg.attention_resolutions), num_heads=cfg.num_heads,
+        num_head_channels=cfg.num_head_channels, transformer_depth=list(cfg.transformer_depth),
+        transformer_depth_middle=cfg.transformer_depth_middle, context_dim=cfg.context_dim,
+        use_linear_in_transformer=cfg.use_linear_in_transformer, use_scale_shift_norm=cfg.use_scale_shift_norm,
+        resblock_updown=cfg.resblock_updown, conv_resample=cfg.conv_resample, dropout=cfg.dropout,
+        num_classes=cfg.num_classes, adm_in_channels=cfg.adm_in_channels, norm_num_groups=cfg.norm_num_groups,
+        attention_backend=cfg.attention_backend, gradient_checkpointing=cfg.gradient_checkpointing)
 
 
-def build_unet(cfg) -> UNet:
-    """Build the U-Net a `UNetConfig` describes (random init; `cfg.weights` loads trained weights)."""
-    model = UNet(**unet_kwargs(cfg))
-    if getattr(cfg, "weights", None):
+def compile_blocks(unet: UNet, backend: str = "inductor") -> UNet:
+    """Regional compilation, in place: each input/middle/output block compiles on its own (blocks of one
+    structure and shape share a graph), so compile time stays short and state_dict keys unprefixed.
+
+    All blocks run one code object (TimestepEmbedSequential.forward) and Dynamo allows `recompile_limit`
+    (8) specialisations per code object before it silently runs the rest eagerly: the limit is raised to
+    8 per block (e.g. 8 aspect buckets)."""
+    import torch._dynamo.config as dynamo_config
+
+    blocks = (*unet.input_blocks, unet.middle_block, *unet.output_blocks)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(blocks))
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8 * len(blocks))
+    for block in blocks:
+        block.compile(backend=backend)
+    return unet
+
+
+def _finish_unet(unet: UNet, cfg: UNetConfig) -> UNet:
+    """What a UNetConfig asks for after construction: initial weights, memory format, compilation."""
+    if cfg.weights:
         from ldmscale.models.interop import load_unet_weights
 
-        load_unet_weights(model, cfg.weights)
-    if getattr(cfg, "channels_last", False):
-        model = model.to(memory_format=torch.channels_last)
-    if getattr(cfg, "compile", False):
-        model.compile()  # in place: state_dict keys stay unprefixed
-    return model
+        load_unet_weights(unet, cfg.weights)
+    if cfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_blocks(unet, cfg.compile_backend)
+    return unet
+
+
+def build_unet(cfg: UNetConfig) -> UNet:
+    """Build the U-Net a `UNetConfig` describes (random init; `cfg.weights` loads trained weights)."""
+    return _finish_unet(UNet(**unet_kwargs(cfg)), cfg)
 
 
 class Denoiser(nn.Module):
@@ -328,15 +353,15 @@ class Denoiser(nn.Module):
         return self.unet(x_t, t, context=context, context_mask=mask, y=y)
 
 
-def concat_channels_for(model_cfg, cond_cfg) -> int:
+def concat_channels_for(model_cfg: UNetConfig, cond_cfg: ConditionerConfig) -> int:
     """Channels the caller concatenates onto x_t (cond["concat"]): sr → 3 (the low-res image), inpaint →
     mask + masked latent, else 0. (A layout raster is made inside the Denoiser from the boxes.)"""
     if cond_cfg.kind not in ("sr", "inpaint"):
         return 0
-    return getattr(cond_cfg, "concat_channels", 0) or (3 if cond_cfg.kind == "sr" else model_cfg.out_channels + 1)
+    return cond_cfg.concat_channels or (3 if cond_cfg.kind == "sr" else model_cfg.out_channels + 1)
 
 
-def build_denoiser(model_cfg, cond_cfg) -> Denoiser:
+def build_denoiser(model_cfg: UNetConfig, cond_cfg: ConditionerConfig) -> Denoiser:
     """U-Net + the trainable conditioning parts named by `cond_cfg.kind`."""
     kind = cond_cfg.kind
     kwargs = unet_kwargs(model_cfg)
@@ -349,7 +374,7 @@ def build_denoiser(model_cfg, cond_cfg) -> Denoiser:
                              f"expected {expected}")
         kwargs["in_channels"] = expected
     layout_encoder = None
-    layout_raster = kind == "layout" and bool(getattr(cond_cfg, "layout_raster", False))
+    layout_raster = kind == "layout" and cond_cfg.layout_raster
     if layout_raster:
         if model_cfg.in_channels not in (model_cfg.out_channels, model_cfg.out_channels + 1):
             raise ValueError(f"model.in_channels={model_cfg.in_channels}: conditioner.layout_raster adds one "
@@ -368,12 +393,6 @@ def build_denoiser(model_cfg, cond_cfg) -> Denoiser:
                                        context_dim=model_cfg.context_dim, max_boxes=cond_cfg.max_boxes)
     if kind not in ("text", "layout"):
         kwargs["context_dim"] = None  # nothing to cross-attend to: the transformers self-attend only
-    unet = UNet(**kwargs)
-    if getattr(model_cfg, "weights", None):
-        from ldmscale.models.interop import load_unet_weights
-
-        load_unet_weights(unet, model_cfg.weights)
-    if getattr(model_cfg, "channels_last", False):
-        unet = unet.to(memory_format=torch.channels_last)
+    unet = _finish_unet(UNet(**kwargs), model_cfg)  # model.compile compiles the U-Net that trains
     return Denoiser(unet, kind, layout_encoder, cond_cfg.num_classes if kind == "class" else None, concat_channels,
                     layout_raster)

@@ -3,6 +3,10 @@
 usage: toy_train.py RUN_DIR ZERO_STAGE MAX_STEPS [EVERY_STEPS] [SLEEP_S]
 With TOY_DUMP_REFERENCE=1, rank 0 also writes RUN_DIR/reference.pt: the live full EMA and gathered
 weights at the end, which offline consolidation (ldmscale.checkpoint.load_run_weights) must reproduce.
+
+Fault injection (tests/test_faults.py): TOY_FAULT=RANK:start or RANK:step:N raises on that rank at start-up
+or in step N (printing "FAULT <unix time>" first); TOY_STALL=RANK:step:N sleeps 120 s there; TOY_NAN_FROM=N makes every loss from step N non-finite;
+TOY_LR overrides the learning rate (1e-2).
 """
 
 import os
@@ -46,24 +50,50 @@ class ToyLoader:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
+def fault(rank: int, where: str) -> None:
+    if os.environ.get("TOY_STALL") == f"{rank}:{where}":  # busy outside any collective (a slow read)
+        time.sleep(120)
+    if os.environ.get("TOY_FAULT") == f"{rank}:{where}":
+        print(f"FAULT {time.time():.3f}", flush=True)
+        raise RuntimeError(f"injected fault on rank {rank} at {where}")
+
+
 class ToyTask(EngineTask):
+    nan_from = int(os.environ.get("TOY_NAN_FROM", 0)) or None
+
     def loss(self, batch):
         noise = 0.01 * torch.randn(batch["y"].shape, generator=self.generator)  # uses the task RNG
-        return (self.engine(batch["x"]) - batch["y"] - noise).pow(2).mean(1)
+        loss = (self.engine(batch["x"]) - batch["y"] - noise).pow(2).mean(1)
+        return loss * float("nan") if self.nan_from and self.step + 1 >= self.nan_from else loss
+
+    def train_step(self, micro_batches, step):
+        self.step = step
+        fault(self.rank, f"step:{step + 1}")
+        return super().train_step(micro_batches, step)
 
 
 def main() -> None:
+    dist = env.setup("gloo")
+    with env.fail_fast(dist):
+        train(dist)
+    env.teardown()
+
+
+def train(dist) -> None:
     run_dir, stage, max_steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     every = int(sys.argv[4]) if len(sys.argv) > 4 else 1000
     sleep_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
-    dist = env.setup("gloo")
+    fault(dist.rank, "start")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.SiLU(), nn.Linear(32, 3))
-    engine = eng.initialize(model, DeepSpeedConfig(zero_stage=stage), OptimConfig(lr=1e-2, warmup_steps=2),
+    lr = float(os.environ.get("TOY_LR", 1e-2))
+    engine = eng.initialize(model, DeepSpeedConfig(zero_stage=stage), OptimConfig(lr=lr, warmup_steps=2),
                             micro_batch_size=8, global_batch_size=8 * dist.world_size,
                             world_size=dist.world_size, max_steps=max_steps)
     task = ToyTask(engine, PartitionedEMA(engine.module, 0.9), seed=0, rank=dist.rank)
-    trainer_cfg = TrainerConfig(max_steps=max_steps, log_every_steps=1)
+    task.rank = dist.rank
+    trainer_cfg = TrainerConfig(max_steps=max_steps, log_every_steps=1,
+                                max_nonfinite_steps=int(os.environ.get("TOY_MAX_NONFINITE", 10)))
     logger = build_logger(LoggerConfig(wandb_mode="disabled", progress_bar=False), run_dir,
                           is_main=dist.is_main, config=None, total_steps=max_steps)
     trainer = Trainer(task, ToyLoader(dist.rank), trainer_cfg,
@@ -89,7 +119,6 @@ def main() -> None:
             torch.save({"ema": full_ema, "raw": raw}, f"{run_dir}/reference.pt")
     logger.close()
     engine.destroy()
-    env.teardown()
 
 
 if __name__ == "__main__":
