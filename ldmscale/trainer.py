@@ -188,6 +188,7 @@ class Trainer:
         # The streak lies between the last check and this one; it starts exactly here if it is still going on.
         first_bad = self.step - longest + 1 if in_a_row == longest else None
         seen = f"at step {first_bad}" if first_bad else f"before step {self.step}"
+        steps = f"steps {first_bad}..{self.step}" if first_bad else f"up to step {self.step}"
         good = ckpt.latest_tag(self.checkpointer.dir)
         if good is not None and (self.checkpointer.dir / good / ckpt.META).is_file():
             where = (f"The last good weights are those of step {int(good.split('_')[1])}, in "
@@ -198,7 +199,7 @@ class Trainer:
         else:
             where = ("No checkpoint was saved before the divergence: start again with a lower optim.lr")
         raise NonFiniteLossError(
-            f"{longest} consecutive non-finite losses {seen} up to step {self.step} "
+            f"{longest} consecutive non-finite losses, {steps} "
             f"(trainer.max_nonfinite_steps={self.cfg.max_nonfinite_steps}). {where}. Also consider a longer "
             "optim.warmup_steps, deepspeed.precision=bf16/fp32, or checking the data"
         )

@@ -156,7 +156,7 @@ def setup(backend: str = "auto") -> DistEnv:
         tdist.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
         atexit.register(teardown)
     _CURRENT = dist
-    if dist.is_distributed:
+    if dist.world_size > 1:
         _PEERS.start(dist)
     return dist
 
