@@ -449,6 +449,10 @@ def validate(cfg: Config) -> Config:
     if cfg.eval.every_steps and cfg.conditioner.kind not in ("text", "class", "none"):
         raise ConfigError(f"eval.every_steps={cfg.eval.every_steps}: in-loop FID needs a fixed prompt/class set, "
                           f"which conditioner.kind={cfg.conditioner.kind!r} cannot use; set eval.every_steps=0")
+    if cfg.eval.every_steps and not (cfg.eval.reference_stats or cfg.eval.clip_weights
+                                     or cfg.eval.clip_model == "ldmscale-tiny-clip"):
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} measures nothing: set eval.reference_stats "
+                          "(FID, from tools/fid_stats.py) and/or eval.clip_weights (CLIP score)")
     for key in ("launcher.gpus_per_node", "launcher.tasks_per_node", "launcher.mem_gb",
                 "launcher.signal_delay_s", "launcher.max_num_timeout"):
         if _get(cfg, key) < 0:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ldmscale.config import EvalConfig
+from ldmscale.config import ConfigError, EvalConfig, compose
 from ldmscale.evaluation import FeatureStats, InceptionFeatures, frechet_distance, load_stats, save_stats
 from ldmscale.evaluation.clip_score import TINY_CLIP_MODEL, CLIPScorer
 from ldmscale.evaluation.fid import FID_WEIGHTS_FILE, resolve_inception_weights
@@ -145,3 +145,10 @@ def test_two_ranks_give_the_single_rank_numbers(fid_inception_weights, tmp_path)
     two = torch.load(out)
     assert two["fid"] == pytest.approx(single["fid"], rel=1e-6)  # float32 batches differ
     assert two["clip_score"] == pytest.approx(single["clip_score"], rel=1e-6)
+
+
+def test_in_loop_evaluation_that_measures_nothing_fails_at_start():
+    with pytest.raises(ConfigError, match="eval.reference_stats"):
+        compose(["eval.every_steps=100"])
+    with pytest.raises(ConfigError, match="conditioner.kind='sr'"):
+        compose(["+experiment=demo_sr4", "eval.every_steps=100", "eval.clip_model=ldmscale-tiny-clip"])

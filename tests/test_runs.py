@@ -36,3 +36,4 @@ def test_an_unfinished_stage1_run_says_how_to_get_its_export(tmp_path):
     with pytest.raises(FileNotFoundError, match="re-running the same command"):
         autoencoder_path(tmp_path / "run")
     assert autoencoder_path(tmp_path / "elsewhere") == tmp_path / "elsewhere"  # other paths pass through
+
