@@ -116,15 +116,22 @@ class AutoencoderLossConfig:
 # ---------------------------------------------------------------------------- conditioner
 @dataclass
 class ConditionerConfig:
-    """How the U-Net is conditioned: text, class, layout, concat (sr/inpaint) or none."""
+    """How the U-Net is conditioned: one of `ldmscale.conditioning.KINDS` (text, sdxl, class, layout, sr,
+    inpaint, none) and its settings."""
 
-    kind: str = "text"  # text | class | layout | sr | inpaint | none
+    kind: str = "text"  # a key of ldmscale.conditioning.KINDS
     ucg_rate: float = 0.1  # probability of dropping the condition (for classifier-free guidance)
     # text (open_clip)
     text_model: str = "ldmscale-tiny-text"
     text_weights: Optional[str] = None
     text_layer: str = "last"  # last | penultimate
     context_length: int = 77
+    # sdxl: the second tower (OpenCLIP ViT-bigG/14); text_model is the first (CLIP ViT-L/14). text_weights may
+    # also be an SDXL sgm single file or a diffusers folder holding both towers.
+    text_model_2: str = "ldmscale-tiny-bigg"
+    text_weights_2: Optional[str] = None
+    ucg_rate_2: Optional[float] = None  # tower 2's own drop rate (None: ucg_rate); dropped independently
+    size_embed_dim: int = 256  # each size/crop number's sinusoidal embedding
     # class / layout
     num_classes: int = 0
     max_boxes: int = 4
@@ -345,6 +352,9 @@ class CacheConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     latent_dtype: str = "bf16"  # bf16 | fp16 | fp32: how KL moments / VQ latents are stored
     text_dtype: str = "fp16"  # fp16 | bf16 | fp32
+    # embeddings: store the real tokens' embeddings; tokens: store token ids only and run the frozen text
+    # tower(s) in the training process (see README, "Text in the cache")
+    text: str = "embeddings"
     max_failure_rate: float = 0.05  # skipped/read above this → the job exits non-zero
     progress: bool = True
 
@@ -401,7 +411,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "stage": ("diffusion", "autoencoder", "demo"),
     "autoencoder.kind": ("kl", "vq"),
     "autoencoder.codebook": ("plain", "linear"),
-    "conditioner.kind": ("text", "class", "layout", "sr", "inpaint", "none"),
+    "cache.text": ("embeddings", "tokens"),
     "conditioner.text_layer": ("last", "penultimate"),
     "diffusion.prediction_type": ("eps", "v", "x0"),
     "diffusion.timestep_sampling": ("uniform", "logit_normal"),
@@ -429,7 +439,9 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Check values that types alone cannot; raise ConfigError naming the key."""
-    for key, choices in _CHOICES.items():
+    from ldmscale.conditioning import KINDS
+
+    for key, choices in {**_CHOICES, "conditioner.kind": tuple(KINDS)}.items():
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
@@ -446,7 +458,7 @@ def validate(cfg: Config) -> Config:
     for key in ("eval.num_images", "eval.batch_size"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
-    if cfg.eval.every_steps and cfg.conditioner.kind not in ("text", "class", "none"):
+    if cfg.eval.every_steps and cfg.conditioner.kind not in ("text", "sdxl", "class", "none"):
         raise ConfigError(f"eval.every_steps={cfg.eval.every_steps}: in-loop FID needs a fixed prompt/class set, "
                           f"which conditioner.kind={cfg.conditioner.kind!r} cannot use; set eval.every_steps=0")
     if cfg.eval.every_steps and not (cfg.eval.reference_stats or cfg.eval.clip_weights

@@ -48,17 +48,20 @@ class TaskEvaluator:
         self.prompts: list[str] | None = None  # their prompts (text task), for the CLIP score
 
     def generate(self, **inputs: Any) -> torch.Tensor:
-        from ldmscale.inference import UNGUIDABLE, SampleInputs, SamplingSettings, generate
+        from ldmscale.inference import SampleInputs, SamplingSettings, generate
 
         settings = SamplingSettings(seeds=list(range(self.count)), batch_size=self.batch_size,
                                     # nothing to guide: these kinds never drop a condition
-                                    guidance_scale=1.0 if self.cfg.conditioner.kind in UNGUIDABLE else None)
+                                    guidance_scale=None if self.models.denoiser.conditioning.guidable else 1.0)
         self.images = generate(self.models, SampleInputs(**inputs), settings).images
         self.prompts = list(inputs["prompts"]) if "prompts" in inputs else None
         return self.images
 
     def run(self) -> tuple[dict[str, Any], str, list[torch.Tensor]]:
-        return getattr(self, f"eval_{self.cfg.conditioner.kind}")()
+        name = self.cfg.conditioner.kind
+        if name not in EVALUATORS:
+            raise ValueError(f"the demo has no evaluation for conditioner.kind={name!r} (known: {sorted(EVALUATORS)})")
+        return EVALUATORS[name](self)
 
     def eval_text(self) -> tuple[dict[str, Any], str, list[torch.Tensor]]:
         per_prompt = self.cfg.pipeline.eval_seeds_per_prompt
@@ -132,3 +135,9 @@ class TaskEvaluator:
                    f"vs mean fill {scores['mean_fill_psnr']:.2f} dB ({scores['gain_db']:+.2f} dB)")
         shown = target * (1 - mask)  # the input: the masked image (masked pixels at mid grey)
         return scores, summary, [(t[:GRID_COLUMNS] + 1) / 2 for t in (shown, images, target)]
+
+
+# What the demo measures for each conditioning kind (a plain dict, as ldmscale.conditioning.KINDS).
+EVALUATORS = {"text": TaskEvaluator.eval_text, "none": TaskEvaluator.eval_none, "class": TaskEvaluator.eval_class,
+              "layout": TaskEvaluator.eval_layout, "sr": TaskEvaluator.eval_sr,
+              "inpaint": TaskEvaluator.eval_inpaint}

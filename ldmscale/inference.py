@@ -17,97 +17,46 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ldmscale.conditioning import Conditioning, SamplingConditions, SamplingContext, kind_named
+from ldmscale.config import DiffusionConfig
 from ldmscale.diffusion.samplers import generators_for_seeds, guided_model_fn, randn, sample
 from ldmscale.diffusion.schedules import Schedule
 
 if TYPE_CHECKING:
     from ldmscale.runs import Run
 
-COND_KINDS = ("text", "class", "layout", "sr", "inpaint", "none")
-UNGUIDABLE = ("sr", "inpaint", "none")  # concat inputs are never dropped in training: nothing to guide
 
 
 # ---------------------------------------------------------------------------- conditions
-def _null_conditions(cond: dict[str, Tensor], kind: str, num_classes: Optional[int]) -> dict[str, Tensor]:
-    from ldmscale.models.conditioners import null_conditions
-
-    return null_conditions(cond, kind, num_classes)
+Conditions = SamplingConditions  # the name callers of build_conditions know
 
 
-def _latents_of(autoencoder: nn.Module, pixels: Tensor, generator: torch.Generator) -> Tensor:
-    """Pixels in [-1, 1] -> the scaled latent space the denoiser works in."""
-    moments = autoencoder.encode_moments(pixels)
-    latents = autoencoder.latent_from_moments(moments.float(), generator=generator)
-    return autoencoder.scale_latents(latents)
+def conditioning_of(cond_kind: str | Conditioning, denoiser: Optional[nn.Module] = None,
+                    num_classes: Optional[int] = None) -> Conditioning:
+    """The kind object: given, the denoiser's own (built from its config), or the named kind's defaults."""
+    if isinstance(cond_kind, Conditioning):
+        return cond_kind
+    own = getattr(denoiser, "conditioning", None)
+    if isinstance(own, Conditioning) and own.name == cond_kind:
+        return own
+    return kind_named(cond_kind, num_classes=num_classes or 0)
 
 
-@dataclass
-class Conditions:
-    """Everything sample() needs for one batch besides x_T."""
-
-    cond: dict[str, Tensor] = field(default_factory=dict)
-    uncond: Optional[dict[str, Tensor]] = None
-    inpaint_mask: Optional[Tensor] = None  # RePaint-style blending (models without concat inputs)
-    inpaint_latents: Optional[Tensor] = None
-
-
-def build_conditions(cond_kind: str, index: Sequence[int], *, latent_hw: tuple[int, int],
+def build_conditions(cond_kind: str | Conditioning, index: Sequence[int], *, latent_hw: tuple[int, int],
                      device: torch.device, text_encoder: Any = None, autoencoder: Optional[nn.Module] = None,
-                     denoiser: Optional[nn.Module] = None, prompts: Optional[Sequence[str]] = None,
-                     class_labels: Optional[Tensor] = None, boxes: Optional[Tensor] = None,
-                     box_classes: Optional[Tensor] = None, low_res: Optional[Tensor] = None,
-                     image: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                     num_classes: Optional[int] = None, need_uncond: bool = False,
-                     generator: Optional[torch.Generator] = None) -> Conditions:
-    """Conditions of the images `index` (rows of the per-image inputs) for a denoiser of `cond_kind`."""
-    import torch.nn.functional as F
-
-    from ldmscale.models.conditioners import inpaint_concat, upsample_low_res
-
-    rows = torch.as_tensor(list(index), dtype=torch.long)
-    cond: dict[str, Tensor] = {}
-    if cond_kind == "text":
-        if text_encoder is None or prompts is None:
-            raise ValueError("conditioner.kind='text' needs a text encoder and --prompt")
-        with torch.no_grad():
-            encoding = text_encoder.encode([prompts[i] for i in index])
-        cond = {"context": encoding.tokens.to(device), "context_mask": encoding.mask.to(device),
-                "pooled": encoding.pooled.to(device)}
-    elif cond_kind == "class":
-        if class_labels is None:
-            raise ValueError("conditioner.kind='class' needs --class-ids")
-        cond = {"class_labels": class_labels[rows].to(device)}
-    elif cond_kind == "layout":
-        if boxes is None or box_classes is None:
-            raise ValueError("conditioner.kind='layout' needs --boxes")
-        cond = {"boxes": boxes[rows].to(device), "box_classes": box_classes[rows].to(device)}
-    elif cond_kind == "sr":
-        if low_res is None:
-            raise ValueError("conditioner.kind='sr' needs --low-res")
-        cond = {"concat": upsample_low_res(low_res[rows].to(device), latent_hw)}
-    elif cond_kind not in ("inpaint", "none"):
-        raise ValueError(f"conditioner.kind={cond_kind!r} is not one of {list(COND_KINDS)}")
-
-    out = Conditions(cond)
-    if (image is None) != (mask is None):
-        raise ValueError("inpainting needs both --image and --mask")
-    concat_channels = getattr(denoiser, "concat_channels", 0)
-    if cond_kind == "inpaint" and image is None:
-        raise ValueError("conditioner.kind='inpaint' needs --image and --mask")
-    if image is not None:
-        if autoencoder is None:
-            raise ValueError("inpainting needs the autoencoder to encode --image")
-        pixels, fill = image[rows].to(device), mask[rows].to(device).float()  # fill: 1 = generate
-        with torch.no_grad():
-            if cond_kind == "inpaint" and concat_channels:
-                # LDM inpainting: the model sees the mask and the latent of the masked image (concat).
-                masked = _latents_of(autoencoder, pixels * (1 - fill), generator)
-                cond["concat"] = inpaint_concat(fill, masked)
-            else:
-                out.inpaint_latents = _latents_of(autoencoder, pixels, generator)
-                out.inpaint_mask = F.interpolate(fill, size=latent_hw, mode="nearest")
+                     denoiser: Optional[nn.Module] = None, num_classes: Optional[int] = None,
+                     need_uncond: bool = False, generator: Optional[torch.Generator] = None,
+                     image_hw: Optional[tuple[int, int]] = None, **inputs: Any) -> Conditions:
+    """Conditions of the images `index` (rows of the per-image `inputs`: prompts, class_labels, boxes, ...)
+    for a denoiser of `cond_kind`; the kind decides what they become."""
+    conditioning = conditioning_of(cond_kind, denoiser, num_classes)
+    factor = getattr(autoencoder, "downsample_factor", 1) if autoencoder is not None else 1
+    ctx = SamplingContext(torch.as_tensor(list(index), dtype=torch.long), latent_hw,
+                          image_hw or (latent_hw[0] * factor, latent_hw[1] * factor), device, text_encoder,
+                          autoencoder, denoiser, generator)
+    out = conditioning.sampling_conditions(inputs, ctx)
     if need_uncond:
-        out.uncond = _null_conditions(cond, cond_kind, num_classes)
+        out.uncond = {**out.cond, **conditioning.null(out.cond)}
     return out
 
 
@@ -120,17 +69,31 @@ class Generation:
     settings: dict[str, Any]
 
 
-def _count(cond_kind: str, num_images: Optional[int], **inputs: Any) -> int:
-    given = {name: len(value) for name, value in inputs.items() if value is not None}
+def _count(conditioning: Conditioning, num_images: Optional[int], inputs: dict[str, Any]) -> int:
+    given = {name: len(value) for name, value in inputs.items()
+             if value is not None and _per_image(conditioning, name, value)}
     if len(set(given.values())) > 1:
         raise ValueError(f"per-image inputs disagree on the number of images: {given}")
     if given:
         return next(iter(given.values()))
     if num_images is None:
-        if cond_kind != "none":
-            raise ValueError(f"conditioner.kind={cond_kind!r} needs its inputs (prompts, class ids, ...)")
+        if conditioning.sampling_inputs:
+            raise ValueError(f"conditioner.kind={conditioning.name!r} needs its inputs "
+                             f"({', '.join(conditioning.sampling_inputs)})")
         return 1
     return num_images
+
+
+# Inputs with one entry per image whatever the kind (image/mask: RePaint blending works for any kind).
+PER_IMAGE = ("prompts", "class_labels", "boxes", "box_classes", "low_res", "image", "mask")
+
+
+def _per_image(conditioning: Conditioning, name: str, value: Any) -> bool:
+    """A kind's `sampling_inputs` and PER_IMAGE hold one entry per image; any other input (e.g. SDXL's
+    original_size) is per image only when it has a batch axis ([N, 2]), else it applies to every image."""
+    if name in PER_IMAGE or name in conditioning.sampling_inputs:
+        return True
+    return torch.as_tensor(value).dim() >= 2
 
 
 def _repeat(value: Any, times: int) -> Any:
@@ -154,19 +117,26 @@ class SampleInputs:
     mask: Optional[Tensor] = None  # ... with [N, 1, H, W], 1 = generate
     num_images: Optional[int] = None  # unconditional models: how many
     images_per_condition: int = 1
+    kind_inputs: dict[str, Any] = field(default_factory=dict)  # further inputs a kind takes (sdxl: original_size)
+
+    @classmethod
+    def of(cls, inputs: dict[str, Any], **counts: Any) -> SampleInputs:
+        """From a dict of named inputs (a kind's cli_inputs / grid_inputs); unknown names are kind inputs."""
+        known = {k: v for k, v in inputs.items() if k in cls.__dataclass_fields__}
+        return cls(**known, **counts, kind_inputs={k: v for k, v in inputs.items() if k not in known})
 
 
-def cycled_inputs(kind: str, indices: Sequence[int], *, prompts: Sequence[str] = (),
-                  num_classes: int = 0) -> SampleInputs:
-    """The inputs of images `indices` of a fixed set (sample grids, evaluation): prompt i mod P, class i mod C."""
-    if kind == "text":
-        return SampleInputs(prompts=[prompts[i % len(prompts)] for i in indices])
-    if kind == "class":
-        return SampleInputs(class_labels=[i % max(1, num_classes) for i in indices])
-    if kind == "none":
-        return SampleInputs(num_images=len(indices))
-    raise ValueError(f"conditioner.kind={kind!r} needs per-image inputs (boxes, low-res or masked images): a "
-                     "fixed prompt/class set cannot make them; evaluate it on held-out inputs")
+def cycled_inputs(conditioning: Conditioning, indices: Sequence[int], prompts: Sequence[str] = ()) -> SampleInputs:
+    """Inputs of images `indices` of a fixed set (evaluation): the kind's grid inputs for the prompt list
+    cycled over every index (text: prompt i mod P, class: class i mod C, unconditional: a count)."""
+    count = max(indices) + 1
+    full = conditioning.grid_inputs([prompts[i % len(prompts)] for i in range(count)] if prompts else [""] * count)
+    if full is None:
+        raise ValueError(f"conditioner.kind={conditioning.name!r} needs per-image inputs (boxes, low-res or masked "
+                         "images) that a fixed prompt/class set cannot make: evaluate it on held-out inputs")
+    rows = {k: [v[i] for i in indices] if isinstance(v, list) else v[torch.as_tensor(list(indices))]
+            for k, v in full.items() if k != "num_images"}
+    return SampleInputs.of(rows, **({"num_images": len(indices)} if "num_images" in full else {}))
 
 
 @dataclass
@@ -189,18 +159,18 @@ class SamplingSettings:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in Generation.settings as is
 
 
-def _guidance_scale(settings: SamplingSettings, models: Run) -> float:
+def _guidance_scale(settings: SamplingSettings, conditioning: Conditioning, ucg_rate: float,
+                    diffusion_cfg: DiffusionConfig) -> float:
     """The asked scale; the config's default is dropped quietly (with a warning) where it cannot apply."""
-    kind, ucg_rate = models.cfg.conditioner.kind, models.cfg.conditioner.ucg_rate
     if settings.guidance_scale is not None:
-        if kind in UNGUIDABLE and settings.guidance_scale != 1.0:
-            raise ValueError(f"guidance_scale={settings.guidance_scale}: conditioner.kind={kind!r} has nothing to "
-                             "guide (concat inputs are never dropped in training); use 1.0")
+        if not conditioning.guidable and settings.guidance_scale != 1.0:
+            raise ValueError(f"guidance_scale={settings.guidance_scale}: conditioner.kind={conditioning.name!r} "
+                             "has nothing to guide (concat inputs are never dropped in training); use 1.0")
         return settings.guidance_scale
-    scale = models.cfg.diffusion.guidance_scale
-    if (kind in UNGUIDABLE or ucg_rate <= 0) and scale != 1.0:
-        warnings.warn(f"diffusion.guidance_scale={scale} ignored: a {kind!r} model trained with ucg_rate={ucg_rate} "
-                      "has no unconditional mode; sampling with scale 1.0", stacklevel=3)
+    scale = diffusion_cfg.guidance_scale
+    if (not conditioning.guidable or ucg_rate <= 0) and scale != 1.0:
+        warnings.warn(f"diffusion.guidance_scale={scale} ignored: a {conditioning.name!r} model trained with "
+                      f"ucg_rate={ucg_rate} has no unconditional mode; sampling with scale 1.0", stacklevel=3)
         return 1.0
     return scale
 
@@ -214,26 +184,26 @@ def generate(models: Run, inputs: SampleInputs, settings: Optional[SamplingSetti
     """
     settings = settings or SamplingSettings()
     cfg = models.cfg
-    diffusion_cfg, cond_kind = cfg.diffusion, cfg.conditioner.kind
-    num_classes = cfg.conditioner.num_classes or None
+    diffusion_cfg, ucg_rate = cfg.diffusion, cfg.conditioner.ucg_rate
     denoiser, autoencoder = models.denoiser, models.autoencoder
+    conditioning = conditioning_of(cfg.conditioner.kind, denoiser, cfg.conditioner.num_classes)
     device = torch.device(device) if device is not None else next(denoiser.parameters()).device
     sampler = settings.sampler or diffusion_cfg.sampler
     num_steps = settings.num_steps or diffusion_cfg.num_sampling_steps
-    guidance_scale = _guidance_scale(settings, models)
+    guidance_scale = _guidance_scale(settings, conditioning, ucg_rate, diffusion_cfg)
     guidance_rescale = diffusion_cfg.guidance_rescale if settings.guidance_rescale is None else settings.guidance_rescale
     eta = diffusion_cfg.eta if settings.eta is None else settings.eta
     karras_sigmas = diffusion_cfg.karras_sigmas if settings.karras_sigmas is None else settings.karras_sigmas
     timestep_spacing = settings.timestep_spacing or diffusion_cfg.timestep_spacing
     height, width = settings.height or cfg.data.resolution, settings.width or cfg.data.resolution
     class_labels = None if inputs.class_labels is None else torch.as_tensor(inputs.class_labels, dtype=torch.long)
-
-    n_cond = _count(cond_kind, inputs.num_images, prompts=inputs.prompts, class_labels=class_labels,
-                    boxes=inputs.boxes, low_res=inputs.low_res, image=inputs.image)
+    per_image = dict(prompts=inputs.prompts, class_labels=class_labels, boxes=inputs.boxes,
+                     box_classes=inputs.box_classes, low_res=inputs.low_res, image=inputs.image, mask=inputs.mask,
+                     **inputs.kind_inputs)
+    n_cond = _count(conditioning, inputs.num_images, per_image)
     per = inputs.images_per_condition
-    prompts, class_labels, boxes, box_classes, low_res, image, mask = (
-        _repeat(v, per) for v in (inputs.prompts, class_labels, inputs.boxes, inputs.box_classes, inputs.low_res,
-                                  inputs.image, inputs.mask))
+    per_image = {k: _repeat(v, per) if v is not None and _per_image(conditioning, k, v) else v
+                 for k, v in per_image.items()}
     total = n_cond * per
 
     factor = getattr(autoencoder, "downsample_factor", 1) if autoencoder is not None else 1
@@ -262,12 +232,12 @@ def generate(models: Run, inputs: SampleInputs, settings: Optional[SamplingSetti
         generators = generators_for_seeds([seeds[i] for i in index])
         x_T = randn((len(index), channels, *latent_hw), generators, device)
         conditions = build_conditions(
-            cond_kind, index, latent_hw=latent_hw, device=device, text_encoder=models.text_encoder,
-            autoencoder=autoencoder, denoiser=denoiser, prompts=prompts, class_labels=class_labels, boxes=boxes,
-            box_classes=box_classes, low_res=low_res, image=image, mask=mask, num_classes=num_classes,
-            need_uncond=guidance_scale != 1.0, generator=torch.Generator().manual_seed(seeds[index[0]]))
+            conditioning, index, latent_hw=latent_hw, device=device, text_encoder=models.text_encoder,
+            autoencoder=autoencoder, denoiser=denoiser, need_uncond=guidance_scale != 1.0,
+            generator=torch.Generator().manual_seed(seeds[index[0]]), image_hw=(height, width), **per_image)
+        blended = conditions.inpaint_mask is not None
         model_fn = guided_model_fn(denoiser, conditions.cond, conditions.uncond, guidance_scale, guidance_rescale,
-                                   trained_ucg_rate=cfg.conditioner.ucg_rate)
+                                   trained_ucg_rate=ucg_rate)
         with torch.no_grad():
             latents = sample(model_fn, x_T, sampler=sampler, num_steps=num_steps, schedule=schedule,
                              prediction_type=diffusion_cfg.prediction_type, eta=eta, generator=generators,
@@ -281,14 +251,15 @@ def generate(models: Run, inputs: SampleInputs, settings: Optional[SamplingSetti
         all_latents.append(latents.cpu())
         all_images.append(((pixels.clamp(-1, 1) + 1) / 2).cpu())
 
-    record = dict(cond_kind=cond_kind, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+    record = dict(cond_kind=conditioning.name, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                   guidance_rescale=guidance_rescale, eta=eta, karras_sigmas=karras_sigmas,
                   timestep_spacing=timestep_spacing, prediction_type=diffusion_cfg.prediction_type,
                   schedule=dict(vars(diffusion_cfg.schedule)), seed=settings.seed, seeds=seeds, height=height,
                   width=width, latent_size=list(latent_hw), num_images=total, images_per_condition=per,
-                  prompts=list(prompts) if prompts is not None else None,
-                  class_ids=class_labels.tolist() if class_labels is not None else None,
-                  inpainting=("concat" if cond_kind == "inpaint" else "blend") if image is not None else None,
+                  prompts=list(per_image["prompts"]) if per_image["prompts"] is not None else None,
+                  class_ids=per_image["class_labels"].tolist() if per_image["class_labels"] is not None else None,
+                  inpainting=("blend" if blended else "concat") if inputs.image is not None else None,
+                  **{k: v.tolist() if isinstance(v, Tensor) else v for k, v in inputs.kind_inputs.items()},
                   **settings.extra)
     return Generation(torch.cat(all_images), torch.cat(all_latents), seeds, record)
 

@@ -58,7 +58,7 @@ class Run:
     cfg: Config
     denoiser: Optional[nn.Module]  # None for a stage-1 run
     autoencoder: Optional[nn.Module]
-    text_encoder: Any = None  # only for conditioner.kind == "text"
+    text_encoder: Any = None  # the conditioning kind's frozen encoder (text towers), or None
 
 
 def read_config(path: str | Path) -> Config:
@@ -155,27 +155,34 @@ def diffusion_from_scheduler_config(path: Path, diffusion: DiffusionConfig) -> D
 
 def _denoiser_from_unet_checkpoint(path: Path, cfg: Config) -> nn.Module:
     """A bare U-Net in any format `ldmscale.models.interop` reads, wrapped as a Denoiser of cfg's kind."""
+    import dataclasses as dc
+
+    from ldmscale.conditioning import kind_for
     from ldmscale.models import Denoiser
     from ldmscale.models.interop import load_unet
 
-    kind = cfg.conditioner.kind
-    if kind == "layout":
-        raise ValueError(f"{path} is a bare U-Net, but a layout model also needs its trained layout encoder: "
-                         "pass the run directory or the exported denoiser state dict")
+    conditioning = kind_for(cfg.conditioner)
     unet = load_unet(path)
-    concat_channels = unet.in_channels - unet.out_channels
-    return Denoiser(unet, kind, None, cfg.conditioner.num_classes if kind == "class" else None, concat_channels)
+    trained = conditioning.configure_unet(dc.replace(cfg.model, in_channels=unet.in_channels,
+                                                     context_dim=unet.context_dim,
+                                                     adm_in_channels=unet.adm_in_channels), {})
+    if trained:
+        raise ValueError(f"{path} is a bare U-Net, but a {conditioning.name!r} model also needs its trained "
+                         f"{', '.join(trained)}: pass the run directory or the exported denoiser state dict")
+    num_classes = cfg.conditioner.num_classes if unet.num_classes else None
+    return Denoiser(unet, conditioning.name, None, num_classes, unet.in_channels - unet.out_channels,
+                    conditioning=conditioning)
 
 
 def build_models(cfg: Config, device: torch.device | str = "cpu") -> Run:
     """The models a stage-2 config names, in eval mode: an untrained denoiser (the caller loads weights),
     the autoencoder (cfg.autoencoder.weights, else a seed-0 random one, as the cache job's) and the text
     encoder."""
-    from ldmscale.models import build_denoiser, build_text_encoder
+    from ldmscale.models import build_denoiser
 
     model_cfg = dataclasses.replace(cfg.model, weights=None)  # the checkpoint supersedes the initial weights
     denoiser = build_denoiser(model_cfg, cfg.conditioner)
-    text_encoder = build_text_encoder(cfg.conditioner, device=device) if cfg.conditioner.kind == "text" else None
+    text_encoder = denoiser.conditioning.build_frozen(device)  # the kind's frozen encoder (text towers), or None
     return Run(cfg, denoiser.to(device).eval(), _configured_autoencoder(cfg, False, device), text_encoder)
 
 
@@ -219,7 +226,7 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
     composing `overrides` (as `python -m ldmscale.train OVERRIDES` would).
     """
     from ldmscale.config import compose
-    from ldmscale.models import build_denoiser, build_text_encoder, load_autoencoder
+    from ldmscale.models import build_denoiser, load_autoencoder
 
     path = Path(checkpoint)
     if not path.exists():
@@ -248,7 +255,7 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
         cfg.diffusion = diffusion_from_scheduler_config(path, cfg.diffusion)
         if not cfg.autoencoder.weights and (path / "vae").is_dir():
             cfg.autoencoder.weights, pipeline_vae = str(path), True
-    text_encoder = build_text_encoder(cfg.conditioner, device=device) if cfg.conditioner.kind == "text" else None
+    text_encoder = denoiser.conditioning.build_frozen(device)
     return Run(cfg, denoiser.to(device).eval(), _configured_autoencoder(cfg, pipeline_vae, device), text_encoder)
 
 

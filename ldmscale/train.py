@@ -27,30 +27,16 @@ def seed_everything(seed: int, rank: int) -> None:
 def example_inputs(cfg: Config, batch: int = 1, device: str = "meta") -> tuple[Any, ...]:
     """(x_t, t, cond) for one denoiser call at the configured resolution (largest bucket), for FLOP counting.
 
-    cond holds what `build_denoiser(cfg.model, cfg.conditioner)` consumes for cfg.conditioner.kind: text
-    context (+ pooled), class labels, layout boxes, or the sr/inpaint channels concatenated onto x_t."""
-    from ldmscale.models.unet import concat_channels_for
+    cond holds what `build_denoiser(cfg.model, cfg.conditioner)` consumes; the conditioning kind makes it."""
+    from ldmscale.conditioning import kind_for
 
-    kind, factor = cfg.conditioner.kind, 2 ** (len(cfg.autoencoder.ch_mult) - 1)  # autoencoder downsampling
+    factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1)  # autoencoder downsampling
     h = w = cfg.data.resolution
     if cfg.data.buckets:
         h, w = max(cfg.data.buckets, key=lambda hw: hw[0] * hw[1])
-    h, w = h // factor, w // factor
-    latents = torch.zeros(batch, cfg.model.out_channels, h, w, device=device)  # the denoiser predicts these
+    latents = torch.zeros(batch, cfg.model.out_channels, h // factor, w // factor, device=device)  # predicted
     t = torch.zeros(batch, dtype=torch.long, device=device)
-    cond: dict[str, torch.Tensor] = {}
-    if kind == "text" and cfg.model.context_dim:  # other kinds: no context, or the layout encoder makes it
-        cond["context"] = torch.zeros(batch, cfg.conditioner.context_length, cfg.model.context_dim, device=device)
-    if kind != "class" and cfg.model.adm_in_channels:
-        cond["pooled"] = torch.zeros(batch, cfg.model.adm_in_channels, device=device)
-    if kind == "class":
-        cond["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
-    elif kind == "layout":
-        cond["boxes"] = torch.full((batch, cfg.conditioner.max_boxes, 4), 0.5, device=device)
-        cond["box_classes"] = torch.zeros(batch, cfg.conditioner.max_boxes, dtype=torch.long, device=device)
-    concat = concat_channels_for(cfg.model, cfg.conditioner)
-    if concat:
-        cond["concat"] = torch.zeros(batch, concat, h, w, device=device)
+    cond = kind_for(cfg.conditioner).example_cond(cfg.model, batch, (h // factor, w // factor), (h, w), device)
     return latents, t, cond
 
 
@@ -143,10 +129,9 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
                             max_steps=cfg.trainer.max_steps)
     flops = flops_per_image(cfg)
     ema = PartitionedEMA(engine.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
-    num_classes = cfg.conditioner.num_classes if cfg.conditioner.kind == "class" else None
-    task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), ema, cond_kind=cfg.conditioner.kind,
-                         ucg_rate=cfg.conditioner.ucg_rate, num_classes=num_classes, seed=cfg.seed,
-                         rank=dist.rank, sampler=SampleGrid(cfg) if cfg.trainer.sample_every_steps else None,
+    task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), ema, conditioning=denoiser.conditioning,
+                         ucg_rate=cfg.conditioner.ucg_rate, seed=cfg.seed, rank=dist.rank,
+                         sampler=SampleGrid(cfg) if cfg.trainer.sample_every_steps else None,
                          evaluator=LoopEvaluation(cfg) if cfg.eval.every_steps else None)
     loader = build_loader(cfg.data, cfg.conditioner, cfg.autoencoder, seed=cfg.seed, rank=dist.rank,
                           world_size=dist.world_size)

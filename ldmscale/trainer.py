@@ -263,7 +263,6 @@ def _batch_size(batch: dict[str, Any]) -> int:
 
 
 # ---------------------------------------------------------------------------- tasks
-COND_KEYS = ("context", "context_mask", "pooled", "class_labels", "boxes", "box_classes", "concat")
 
 
 class EngineTask:
@@ -326,12 +325,14 @@ class DiffusionTask(EngineTask):
 
     name = "denoiser"
 
-    def __init__(self, engine: Any, objective: Any, ema: Any | None, *, cond_kind: str, ucg_rate: float,
-                 num_classes: int | None = None, seed: int, rank: int, sampler: Any | None = None,
+    def __init__(self, engine: Any, objective: Any, ema: Any | None, *, conditioning: Any, ucg_rate: float,
+                 seed: int, rank: int, sampler: Any | None = None,
                  evaluator: Any | None = None):
+        """conditioning: the kind (`ldmscale.conditioning.kind_for(cfg.conditioner)`): which batch keys the
+        denoiser takes, any frozen encoding of cached token ids, and the CFG drop."""
         super().__init__(engine, ema, seed=seed, rank=rank)
         self.objective = objective
-        self.cond_kind, self.ucg_rate, self.num_classes = cond_kind, ucg_rate, num_classes
+        self.conditioning, self.ucg_rate = conditioning, ucg_rate
         self.sampler = sampler  # builds EMA sample grids (SampleGrid)
         self.evaluator = evaluator  # FID / CLIP score of the EMA weights (evaluation.LoopEvaluation)
 
@@ -342,12 +343,10 @@ class DiffusionTask(EngineTask):
         return self.engine(x_t.to(dtype), t, cond).float()
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        from ldmscale.models import drop_conditions
-
         device = self.engine.device
         latents = batch["latents"].to(device, torch.float32, non_blocking=True)
-        cond = {k: _to_device(batch[k], device) for k in COND_KEYS if k in batch}
-        cond = drop_conditions(cond, self.cond_kind, self.ucg_rate, self.generator, num_classes=self.num_classes)
+        cond = {k: _to_device(batch[k], device) for k in self.conditioning.cond_keys if k in batch}
+        cond = self.conditioning.drop(self.conditioning.prepare(cond), self.ucg_rate, self.generator)
         return self.objective.loss(self.model_fn, latents, cond, generator=self.generator)
 
     def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
@@ -374,23 +373,22 @@ class SampleGrid:
         weights = ema.full_state_dict()  # collective: every rank takes part in the gather
         if not env.is_main():
             return []
-        from ldmscale.inference import SamplingSettings, cycled_inputs, generate
+        from ldmscale.inference import SampleInputs, SamplingSettings, generate
         from ldmscale.runs import build_models
 
         cfg = self.cfg
         prompts = list(cfg.trainer.sample_prompts)
-        kind = cfg.conditioner.kind
-        if kind not in ("text", "class", "none"):  # layout/sr/inpaint grids need per-image inputs
-            return []
         if self._models is None:
             device = next(iter(weights.values())).device
             self._models = build_models(cfg, device=device)
+        inputs = self._models.denoiser.conditioning.grid_inputs(prompts)
+        if inputs is None:  # layout/sr/inpaint grids need per-image inputs
+            return []
         denoiser = self._models.denoiser
         denoiser.load_state_dict(weights, strict=False)  # trainable parameters; buffers stay as built
-        inputs = cycled_inputs(kind, range(len(prompts)), prompts=prompts, num_classes=cfg.conditioner.num_classes)
         settings = SamplingSettings(seed=cfg.trainer.sample_seed, num_steps=cfg.trainer.sample_steps,
                                     batch_size=len(prompts), progress=False)
-        generation = generate(self._models, inputs, settings)
+        generation = generate(self._models, SampleInputs.of(inputs), settings)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:08d}.png"
         _save_row(generation.images, path)

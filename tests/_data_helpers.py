@@ -57,3 +57,18 @@ def good(key: str, width: int = 32, height: int = 32, caption: str = "a red squa
     if meta:
         sample["json"] = json.dumps(meta).encode()
     return sample
+
+
+def cached_records(folder: Path) -> list:
+    """Every cached record of a cache folder, read straight from the tars."""
+    from ldmscale.data.cache_format import decode_record
+
+    records = []
+    for shard in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members: dict[str, dict[str, bytes]] = {}
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        records += [decode_record(key, parts) for key, parts in members.items()]
+    return records

@@ -9,7 +9,9 @@ from ldmscale.models import build_autoencoder, build_denoiser, build_unet, count
 UNET_PRESETS = {"tiny": (1.0e6, 1.2e6), "sd15": (859.4e6, 859.6e6), "sd2": (865.9e6 * 0.999, 865.9e6 * 1.001),
                 "sdxl": (2.56e9, 2.58e9)}
 AE_PRESETS = ("tiny_kl_f4", "kl_f8", "kl_f4", "kl_f16", "vq_f4")
-CONDITIONERS = ("text_tiny", "openclip_vit_h14", "class", "layout", "sr", "inpaint", "none")
+# conditioner → the U-Net preset whose widths it matches (the tiny U-Net otherwise)
+CONDITIONERS = {"text_tiny": "tiny", "openclip_vit_h14": "sd2", "sdxl": "sdxl", "class": "tiny", "layout": "tiny",
+                "sr": "tiny", "inpaint": "tiny", "none": "tiny"}
 
 
 def n_params(module):
@@ -35,12 +37,23 @@ def test_autoencoder_presets_build_on_meta(preset):
         assert abs(n_params(ae) - 83.65e6) < 0.05e6 and ae.scale_factor == 0.18215  # the SD VAE
 
 
-@pytest.mark.parametrize("cond", CONDITIONERS)
+@pytest.mark.parametrize("cond", sorted(CONDITIONERS))
 def test_conditioner_presets_compose_and_build_a_denoiser(cond):
-    cfg = compose([f"conditioner={cond}"])
+    cfg = compose([f"conditioner={cond}", f"model={CONDITIONERS[cond]}"])
     with torch.device("meta"):
         den = build_denoiser(cfg.model, cfg.conditioner)
     assert den.kind == cfg.conditioner.kind
+
+
+@pytest.mark.parametrize("cond, model, message", [
+    ("openclip_vit_h14", "tiny", "model.context_dim=64 but conditioner.text_model='ViT-H-14' gives 1024-wide"),
+    ("sdxl", "sd2", "model.context_dim=1024 but conditioner.kind='sdxl' gives 2048-wide tokens"),
+])
+def test_conditioner_and_unet_width_mismatch_is_an_error_naming_both(cond, model, message):
+    cfg = compose([f"conditioner={cond}", f"model={model}"])
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        with torch.device("meta"):
+            build_denoiser(cfg.model, cfg.conditioner)
 
 
 def test_sd2_forward_flops_at_64x64_latents():

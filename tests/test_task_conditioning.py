@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tarfile
-
 import numpy as np
 import pytest
 import torch
@@ -12,11 +10,11 @@ import torch.nn.functional as F
 from ldmscale.config import compose
 from ldmscale.data import synthetic
 from ldmscale.data.cache import build_encoders, run_cache_job
-from ldmscale.data.cache_format import decode_record
 from ldmscale.data.conditioning import MASK_SIDE, box_mask, derive, low_res_of, sample_mask
 from ldmscale.data.loader import CacheMismatchError, build_loader, collate_records, sample_latents
 from ldmscale.demo_tasks import mean_fill
 from ldmscale.evaluation import psnr
+from tests._data_helpers import cached_records
 
 
 def _cache(tmp_path, kind: str, *extra: str):
@@ -71,23 +69,10 @@ def test_sr_cache_stores_the_low_res_image_and_batches_concat_it(tmp_path):
     torch.testing.assert_close(batch["concat"], expected, atol=2e-2, rtol=0)  # stored in bf16
 
 
-def _records(folder) -> list:
-    """Every cached record of a cache folder, read straight from the tars."""
-    records = []
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members: dict[str, dict[str, bytes]] = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        records += [decode_record(key, parts) for key, parts in members.items()]
-    return records
-
-
 def test_inpaint_cache_stores_mask_and_masked_image_latents(tmp_path):
     cfg, manifest = _cache(tmp_path, "inpaint")
     assert manifest["concat"]["kind"] == "inpaint"
-    records = _records(tmp_path / "cache_inpaint")[:8]
+    records = cached_records(tmp_path / "cache_inpaint")[:8]
     keys = [r.key for r in records]
     # Stored: the key's fixed mask at latent resolution, and the moments of exactly the masked image.
     encoders = build_encoders(cfg.autoencoder, cfg.conditioner, "cpu")

@@ -47,7 +47,8 @@ def write_fake_cache(folder: Path, num_samples: int, shard_size: int, ae_cfg, co
                          "text": {"config": text_config_fingerprint(cond_cfg), "fingerprint": "bench",
                                   "weights_file_sha256": None, "width": 1024}},
             "resolution": 256, "buckets": [[256, 256]], "latent": dict(layout, dtype="bf16"),
-            "text": {"context_length": 77, "width": 1024, "dtype": "fp16"}, "transform": {}}
+            "text": {"mode": "embeddings", "config": text_config_fingerprint(cond_cfg), "context_length": 77,
+                     "width": 1024, "dtype": "fp16"}, "transform": {}}
     results, total = [], 0
     folder.mkdir(parents=True, exist_ok=True)
     for shard, lo in enumerate(range(0, num_samples, shard_size)):

@@ -91,8 +91,7 @@ def fit_steps(trainer: Any, steps: int) -> Timing:
 def bare_stepper(cfg: Config, batch: dict[str, Any]) -> Callable[[int], Timing]:
     """forward → loss → backward → clip → AdamW, on a plain denoiser (same init, config and batch)."""
     from ldmscale.diffusion.objective import DiffusionObjective
-    from ldmscale.models import build_denoiser, drop_conditions
-    from ldmscale.trainer import COND_KEYS
+    from ldmscale.models import build_denoiser
 
     torch.manual_seed(cfg.seed)
     denoiser = build_denoiser(cfg.model, cfg.conditioner)
@@ -101,10 +100,11 @@ def bare_stepper(cfg: Config, batch: dict[str, Any]) -> Callable[[int], Timing]:
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
     generator = torch.Generator().manual_seed(cfg.seed)
     latents = batch["latents"].float()
-    cond_all = {k: batch[k] for k in COND_KEYS if k in batch}
+    conditioning = denoiser.conditioning
+    cond_all = {k: batch[k] for k in conditioning.cond_keys if k in batch}
 
     def step() -> None:
-        cond = drop_conditions(cond_all, cfg.conditioner.kind, cfg.conditioner.ucg_rate, generator)
+        cond = conditioning.drop(conditioning.prepare(cond_all), cfg.conditioner.ucg_rate, generator)
         loss = objective.loss(denoiser, latents, cond, generator=generator).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.deepspeed.gradient_clipping)

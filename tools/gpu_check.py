@@ -99,7 +99,7 @@ def train_check(cfg: Any, *, steps: int, warmup: int, device: torch.device) -> d
                                 global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size,
                                 max_steps=warmup + steps)
         ema = PartitionedEMA(engine.module, cfg.ema.decay, cfg.ema.start_step)
-        task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), ema, cond_kind=cfg.conditioner.kind,
+        task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), ema, conditioning=denoiser.conditioning,
                              ucg_rate=cfg.conditioner.ucg_rate, seed=cfg.seed, rank=dist.rank)
         batch = random_batch(cfg, cfg.data.micro_batch_size, engine.device, torch.Generator().manual_seed(0))
         micro = [batch] * engine.gradient_accumulation_steps

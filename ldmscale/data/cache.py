@@ -37,7 +37,6 @@ from ldmscale.data.cache_format import (
     build_manifest,
     dtype_name,
 )
-from ldmscale.data.conditioning import concat_spec, derive
 from ldmscale.data.shards import SampleFilter, SkipCounter, expand_urls, iter_decoded, shard_name
 from ldmscale.data.transforms import Bucket, nearest_bucket, resize_crop, resolve_buckets, transform_boxes
 
@@ -49,10 +48,10 @@ class CacheJobError(RuntimeError):
 # ---------------------------------------------------------------------------- encoders & fingerprints
 @dataclass
 class Encoders:
-    """The frozen encoders the job runs: the autoencoder and (for text conditioning) the text encoder."""
+    """The frozen encoders the job runs: the autoencoder and the conditioning kind's (e.g. text towers)."""
 
     autoencoder: torch.nn.Module
-    text_encoder: Optional[Any] = None
+    text_encoder: Optional[Any] = None  # the kind's frozen encoder (`Conditioning.build_frozen`), if any
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -74,14 +73,12 @@ def build_encoders(ae_cfg: Any, cond_cfg: Any, device: str | torch.device = "cpu
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         autoencoder = build_autoencoder(ae_cfg).eval().requires_grad_(False).to(device)
-    text_encoder = None
-    if cond_cfg.kind == "text":
-        from ldmscale.models.conditioners import build_text_encoder
+    from ldmscale.conditioning import kind_for
 
-        text_encoder = build_text_encoder(cond_cfg)
-        if isinstance(text_encoder, torch.nn.Module):
-            text_encoder = text_encoder.eval().requires_grad_(False).to(device)
-    return Encoders(autoencoder, text_encoder, device)
+    frozen = kind_for(cond_cfg).build_frozen(device)
+    if isinstance(frozen, torch.nn.Module):
+        frozen = frozen.eval().requires_grad_(False).to(device)
+    return Encoders(autoencoder, frozen, device)
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -104,7 +101,6 @@ def file_sha256(path: str) -> str:
 
 # Config fields that do not change what the encoder computes (the loader applies scale/shift itself).
 AE_FINGERPRINT_EXCLUDE = ("scale_factor", "shift_factor", "weights")
-TEXT_FINGERPRINT_KEYS = ("kind", "text_model", "text_layer", "context_length")
 
 
 def autoencoder_config_fingerprint(ae_cfg: Any) -> dict[str, Any]:
@@ -112,7 +108,10 @@ def autoencoder_config_fingerprint(ae_cfg: Any) -> dict[str, Any]:
 
 
 def text_config_fingerprint(cond_cfg: Any) -> dict[str, Any]:
-    return {k: getattr(cond_cfg, k) for k in TEXT_FINGERPRINT_KEYS}
+    """The config fields that decide what a text kind's tower(s) compute."""
+    from ldmscale.conditioning import kind_for
+
+    return {k: getattr(cond_cfg, k) for k in getattr(kind_for(cond_cfg), "fingerprint_keys", ())}
 
 
 def weights_file_fingerprint(path: Optional[str]) -> Optional[str]:
@@ -178,7 +177,7 @@ class CacheSpec:
     context_length: int
     seed: int
     fingerprint: dict[str, Any]
-    concat: Optional[dict[str, Any]] = None  # SR / inpainting inputs derived from the image (conditioning.py)
+    conditioning: Any = None  # the kind (ldmscale.conditioning): what is derived per sample besides latents
 
     @classmethod
     def build(cls, data_cfg: Any, cond_cfg: Any, ae_cfg: Any, cache_cfg: Any, encoders: Encoders,
@@ -189,9 +188,11 @@ class CacheSpec:
         for h, w in buckets:
             if h % real_ds or w % real_ds:
                 raise ValueError(f"bucket {h}x{w} is not divisible by the autoencoder's downsampling {real_ds}")
-        text = encoders.text_encoder
+        from ldmscale.conditioning import kind_for
+
+        conditioning = kind_for(cond_cfg)
         ae_dtype = str(next(encoders.autoencoder.parameters()).dtype).removeprefix("torch.")
-        rules = SampleFilter.from_config(data_cfg, require_caption=text is not None)
+        rules = SampleFilter.from_config(data_cfg, require_caption=conditioning.needs_caption)
         fingerprint = {
             "encoders": {
                 "autoencoder": {"config": autoencoder_config_fingerprint(ae_cfg),
@@ -199,31 +200,24 @@ class CacheSpec:
                                 "weights_file_sha256": weights_file_fingerprint(ae_cfg.weights),
                                 "weights_source": weights_source_fingerprint(ae_cfg.weights),
                                 "dtype": ae_dtype},
-                "text": None if text is None else {
-                    "config": text_config_fingerprint(cond_cfg),
-                    "fingerprint": _jsonable(text.fingerprint()),
-                    "weights_file_sha256": weights_file_fingerprint(cond_cfg.text_weights),
-                    "weights_source": weights_source_fingerprint(cond_cfg.text_weights, "text_encoder"),
-                    "width": int(text.width),
-                },
             },
             "resolution": data_cfg.resolution,
             "buckets": [list(b) for b in buckets],
             "latent": dict(layout, downsample_factor=real_ds, dtype=dtype_name(cache_cfg.latent_dtype)),
-            "text": None if text is None else {"context_length": cond_cfg.context_length,
-                                               "width": int(text.width), "dtype": dtype_name(cache_cfg.text_dtype)},
             "transform": {"random_crop": data_cfg.random_crop, "random_flip": data_cfg.random_flip,
                           "min_size": rules.min_size, "max_aspect_ratio": rules.max_aspect_ratio,
                           "max_pixels": rules.max_pixels, "max_caption_bytes": rules.max_caption_bytes,
                           "filters": list(data_cfg.filters), "seed": seed},
-            "concat": concat_spec(cond_cfg),
+            "conditioning": cond_cfg.kind,
+            # the kind's own entries (text encoder fingerprint, derived concat inputs, ...)
+            **(conditioning.cache_spec(encoders.text_encoder, cache_cfg) or {}),
         }
         if cache_cfg.batch_size <= 0:
             raise ValueError(f"cache.batch_size={cache_cfg.batch_size} must be positive")
         return cls(buckets, rules,
                    data_cfg.random_crop, data_cfg.random_flip, cache_cfg.batch_size,
                    cache_cfg.latent_dtype, cache_cfg.text_dtype, cond_cfg.context_length, seed, fingerprint,
-                   fingerprint["concat"])
+                   conditioning)
 
 
 def _jsonable(value: Any) -> Any:
@@ -239,29 +233,15 @@ class _Pending:
     key: str
 
 
-def encode_text_rows(tokens: torch.Tensor, lengths: torch.Tensor, context_length: int) -> list[torch.Tensor]:
-    """Per sample, the token rows worth keeping: SOT, the caption's tokens and EOT (`lengths`, i.e. the
-    real length plus the end token; TextEncoding.mask marks the same rows). Padding is never stored."""
-    rows = torch.clamp(lengths.long(), min=1, max=min(context_length, tokens.shape[1]))
-    return [tokens[i, : int(n)] for i, n in enumerate(rows)]
-
-
 def _encode_batch(items: list[_Pending], encoders: Encoders, spec: CacheSpec
                   ) -> tuple[list[CachedRecord], torch.Tensor]:
     with torch.inference_mode():
         pixels = torch.stack([it.pixels for it in items]).to(encoders.device)
         moments = encoders.autoencoder.encode_moments(pixels).float().cpu()  # [B,M,h,w]
-        text_rows: list[Optional[torch.Tensor]] = [None] * len(items)
-        pooled: list[Optional[torch.Tensor]] = [None] * len(items)
-        lengths = [0] * len(items)
-        if encoders.text_encoder is not None:
-            encoding = encoders.text_encoder.encode([it.caption for it in items])
-            text_rows = encode_text_rows(encoding.tokens.float().cpu(), encoding.lengths.cpu(), spec.context_length)
-            pooled = list(encoding.pooled.float().cpu())
-            lengths = encoding.lengths.tolist()
-        extras = derive(pixels, [it.key for it in items], spec.concat, encoders.autoencoder, spec.seed)
-    records = [CachedRecord(it.key, moments[i], text_rows[i], pooled[i], int(lengths[i]), it.meta, extras[i])
-               for i, it in enumerate(items)]
+        derived = spec.conditioning.derive(pixels, [it.key for it in items], [it.caption for it in items],
+                                           encoders.text_encoder, encoders.autoencoder, spec.fingerprint, spec.seed)
+    records = [CachedRecord(it.key, moments[i], d.text_tokens, d.text_pooled, d.text_length, {**it.meta, **d.meta},
+                            d.extras) for i, (it, d) in enumerate(zip(items, derived))]
     return records, moments
 
 

@@ -4,14 +4,15 @@ masked-image latent (inpainting).
 Both are made where the image is encoded, by the cache job (or the online loader, which shares its code),
 so training needs no encoder: the cache stores `low_res` [3,H/f,W/f] in pixels, or `inpaint_mask`
 [1,h,w] at latent resolution plus `masked_moments` [M,h,w], the autoencoder's moments of the masked image.
-Sampling (`ldmscale.inference`) builds the same inputs from a user's image with the same functions.
+Sampling (`ldmscale.inference`) builds the same inputs from a user's image with the same functions. Which
+kind needs which is decided in `ldmscale.conditioning`.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,13 +23,14 @@ import torch.nn.functional as F
 MASK_SIDE = (0.25, 0.75)
 
 
-def concat_spec(cond_cfg: Any) -> Optional[dict[str, Any]]:
-    """What the cache must derive for this conditioner (part of the cache fingerprint), or None."""
-    if cond_cfg.kind == "sr":
-        return {"kind": "sr", "factor": int(cond_cfg.sr_factor), "downsample": "bicubic-antialias"}
-    if cond_cfg.kind == "inpaint":
-        return {"kind": "inpaint", "mask": "box", "side": list(MASK_SIDE)}
-    return None
+def sr_spec(factor: int) -> dict[str, Any]:
+    """What the cache derives for super-resolution (part of the cache fingerprint)."""
+    return {"kind": "sr", "factor": int(factor), "downsample": "bicubic-antialias"}
+
+
+def inpaint_spec() -> dict[str, Any]:
+    """What the cache derives for inpainting (part of the cache fingerprint)."""
+    return {"kind": "inpaint", "mask": "box", "side": list(MASK_SIDE)}
 
 
 def low_res_of(pixels: torch.Tensor, factor: int) -> torch.Tensor:
@@ -59,16 +61,27 @@ def sample_mask(seed: int, key: str, height: int, width: int, grid: int) -> torc
     return box_mask(np.random.default_rng([seed, zlib.crc32(key.encode()), 11]), height, width, grid)
 
 
-def derive(pixels: torch.Tensor, keys: Sequence[str], spec: Optional[dict[str, Any]], autoencoder: Any,
-           seed: int) -> list[dict[str, torch.Tensor]]:
-    """Per sample, the tensors the cache stores for `spec` ({} each without one). pixels: [B,3,H,W]."""
-    if spec is None:
-        return [{} for _ in keys]
-    if spec["kind"] == "sr":
-        return [{"low_res": t} for t in low_res_of(pixels, spec["factor"]).cpu()]
+def _low_res(pixels: torch.Tensor, keys: Sequence[str], spec: dict[str, Any], autoencoder: Any,
+             seed: int) -> list[dict[str, torch.Tensor]]:
+    return [{"low_res": t} for t in low_res_of(pixels, spec["factor"]).cpu()]
+
+
+def _masked(pixels: torch.Tensor, keys: Sequence[str], spec: dict[str, Any], autoencoder: Any,
+            seed: int) -> list[dict[str, torch.Tensor]]:
     grid = autoencoder.downsample_factor
     height, width = pixels.shape[-2:]
     masks = torch.stack([sample_mask(seed, key, height, width, grid) for key in keys]).to(pixels.device)
     moments = autoencoder.encode_moments(pixels * (1 - masks)).float().cpu()
     latent_masks = F.interpolate(masks, size=moments.shape[-2:], mode="nearest").cpu()
     return [{"inpaint_mask": m, "masked_moments": mm} for m, mm in zip(latent_masks, moments)]
+
+
+DERIVE = {"sr": _low_res, "inpaint": _masked}
+
+
+def derive(pixels: torch.Tensor, keys: Sequence[str], spec: dict[str, Any] | None, autoencoder: Any,
+           seed: int) -> list[dict[str, torch.Tensor]]:
+    """Per sample, the tensors the cache stores for `spec` ({} each without one). pixels: [B,3,H,W]."""
+    if spec is None:
+        return [{} for _ in keys]
+    return DERIVE[spec["kind"]](pixels, keys, spec, autoencoder, seed)

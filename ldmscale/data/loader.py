@@ -30,12 +30,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ldmscale.data.cache import (
-    autoencoder_config_fingerprint,
-    latent_layout,
-    text_config_fingerprint,
-    weights_mismatch,
-)
+from ldmscale.conditioning import kind_for, kind_named
+from ldmscale.data.cache import autoencoder_config_fingerprint, latent_layout, weights_mismatch
 from ldmscale.data.cache_format import (
     FORMAT_NAME,
     INDEX_SUFFIX,
@@ -44,10 +40,8 @@ from ldmscale.data.cache_format import (
     decode_record,
     parse_tar_span,
 )
-from ldmscale.data.conditioning import concat_spec
 from ldmscale.data.shards import expand_urls
 from ldmscale.data.transforms import resolve_buckets
-from ldmscale.models.conditioners import inpaint_concat, upsample_low_res
 
 
 class CacheMismatchError(ValueError):
@@ -154,20 +148,7 @@ def check_manifest(manifest: dict[str, Any], data_cfg: Any, cond_cfg: Any, ae_cf
         problems.append("autoencoder." + ", autoencoder.".join(
             f"{k}: cache {ae_cached['config'].get(k)!r} vs config {ae_now.get(k)!r}" for k in diff))
     problems += filter(None, [weights_mismatch("autoencoder.weights", ae_cfg.weights, ae_cached)])
-    if cond_cfg.kind == "text":
-        text = manifest["encoders"].get("text")
-        if text is None:
-            problems.append("conditioner.kind=text but the cache holds no text embeddings")
-        else:
-            now = text_config_fingerprint(cond_cfg)
-            diff = sorted(k for k in now if now[k] != text["config"].get(k))
-            problems += [f"conditioner.{k}: cache {text['config'].get(k)!r} vs config {now[k]!r}" for k in diff]
-            problems += filter(None, [weights_mismatch("conditioner.text_weights", cond_cfg.text_weights, text,
-                                                       "text_encoder")])
-    need = concat_spec(cond_cfg)
-    if need is not None and manifest.get("concat") != need:
-        problems.append(f"conditioner.kind={cond_cfg.kind} needs derived inputs {need} but the cache holds "
-                        f"{manifest.get('concat')} (cache with the same conditioner settings)")
+    problems += kind_for(cond_cfg).check_cache(manifest)
     want = [list(b) for b in resolve_buckets(data_cfg)]
     if want != manifest["buckets"]:
         problems.append(f"data buckets {want} vs cached buckets {manifest['buckets']} (data.resolution/buckets)")
@@ -224,40 +205,19 @@ def sample_latents(moments: torch.Tensor, kind: str, generator: Optional[torch.G
     return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
 
 
-def collate_records(records: Sequence[CachedRecord], *, kind: str, cond_kind: str, context_length: int,
-                    max_boxes: int, scale_factor: float, shift_factor: float,
-                    generator: Optional[torch.Generator]) -> dict[str, Any]:
-    """Records of one bucket → the training batch dict (CONTRACTS.md): latents sampled and scaled, cond keys."""
-    moments = torch.stack([r.moments for r in records]).float()
-    latents = (sample_latents(moments, kind, generator) - shift_factor) * scale_factor
-    batch: dict[str, Any] = {"latents": latents}
-    if cond_kind == "text":
-        width = records[0].text_tokens.shape[-1]  # type: ignore[union-attr]
-        context = torch.zeros(len(records), context_length, width)
-        mask = torch.zeros(len(records), context_length, dtype=torch.bool)
-        for i, r in enumerate(records):
-            n = min(r.text_tokens.shape[0], context_length)  # type: ignore[union-attr]
-            context[i, :n] = r.text_tokens[:n]  # type: ignore[index]
-            mask[i, :n] = True
-        batch["context"], batch["context_mask"] = context, mask
-        batch["pooled"] = torch.stack([r.text_pooled for r in records]).float()  # type: ignore[misc]
-    if cond_kind == "class":
-        batch["class_labels"] = torch.tensor([r.meta["class_id"] for r in records], dtype=torch.long)
-    if cond_kind == "layout":
-        boxes = torch.zeros(len(records), max_boxes, 4)
-        classes = torch.full((len(records), max_boxes), -1, dtype=torch.long)
-        for i, r in enumerate(records):
-            for j, (box, cls) in enumerate(zip(r.meta["boxes"][:max_boxes], r.meta["box_classes"][:max_boxes])):
-                boxes[i, j] = torch.tensor(box)
-                classes[i, j] = cls
-        batch["boxes"], batch["box_classes"] = boxes, classes
-    if cond_kind == "sr":
-        low_res = torch.stack([r.extras["low_res"] for r in records]).float()
-        batch["concat"] = upsample_low_res(low_res, latents.shape[-2:])
-    if cond_kind == "inpaint":
-        masked = torch.stack([r.extras["masked_moments"] for r in records]).float()
-        masked = (sample_latents(masked, kind, generator) - shift_factor) * scale_factor
-        batch["concat"] = inpaint_concat(torch.stack([r.extras["inpaint_mask"] for r in records]), masked)
+def collate_records(records: Sequence[CachedRecord], *, kind: str, cond_kind: str = "none", context_length: int = 77,
+                    max_boxes: int = 4, scale_factor: float, shift_factor: float,
+                    generator: Optional[torch.Generator], conditioning: Any = None) -> dict[str, Any]:
+    """Records of one bucket → the training batch dict (CONTRACTS.md): latents sampled and scaled, plus the
+    conditioning kind's entries (`conditioning`, or the kind named `cond_kind` with default settings)."""
+    if conditioning is None:
+        conditioning = kind_named(cond_kind, context_length=context_length, max_boxes=max_boxes)
+
+    def to_latents(moments: torch.Tensor) -> torch.Tensor:
+        return (sample_latents(moments, kind, generator) - shift_factor) * scale_factor
+
+    latents = to_latents(torch.stack([r.moments for r in records]).float())
+    batch: dict[str, Any] = {"latents": latents, **conditioning.collate(records, latents, to_latents)}
     batch["captions"] = [r.meta.get("caption", "") for r in records]
     batch["keys"] = [r.key for r in records]
     batch["original_size"] = torch.tensor([r.meta["original_size"] for r in records], dtype=torch.long)
@@ -297,9 +257,7 @@ class _Settings:
     micro_batch_size: int
     weights: tuple[float, ...]
     kind: str
-    cond_kind: str
-    context_length: int
-    max_boxes: int
+    conditioning: Any  # the conditioning kind (ldmscale.conditioning): collates its batch entries
     scale_factor: float
     shift_factor: float
 
@@ -323,8 +281,7 @@ class _EpochBatches(torch.utils.data.IterableDataset):
             position = rank_positions[local]
             records = [reader.read(int(t.shard[i]), int(t.offset[i]), int(t.length[i])) for i in plan[position]]
             generator = torch.Generator().manual_seed(batch_seed(s.seed, self.epoch, position))
-            batch = collate_records(records, kind=s.kind, cond_kind=s.cond_kind, context_length=s.context_length,
-                                    max_boxes=s.max_boxes, scale_factor=s.scale_factor,
+            batch = collate_records(records, kind=s.kind, conditioning=s.conditioning, scale_factor=s.scale_factor,
                                     shift_factor=s.shift_factor, generator=generator)
             batch["sample_ids"] = torch.from_numpy(plan[position].copy())
             yield batch
@@ -408,8 +365,7 @@ def build_loader(data_cfg: Any, cond_cfg: Any, ae_cfg: Any, *, seed: int, rank: 
         stats = table.manifests[0].get("latent_stats") or {}
         scale, shift = stats["scale_factor"], stats["shift_factor"]
     settings = _Settings(seed, rank, world_size, data_cfg.micro_batch_size, tuple(data_cfg.shard_weights),
-                         ae_cfg.kind, cond_cfg.kind, cond_cfg.context_length, cond_cfg.max_boxes,
-                         float(scale), float(shift))
+                         ae_cfg.kind, kind_for(cond_cfg), float(scale), float(shift))
     loader = Loader(table, settings, data_cfg.num_workers, data_cfg.prefetch_factor)
     if len(loader) == 0:
         raise ValueError(

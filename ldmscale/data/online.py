@@ -130,7 +130,6 @@ class OnlineLoader:
     def _collate(self, items: list[_Pending], position: int) -> dict[str, Any]:
         records, _ = _encode_batch(items, self.encoders, self.spec)
         generator = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, position * self.world_size + self.rank))
-        return collate_records(records, kind=self.ae_cfg.kind, cond_kind=self.cond_cfg.kind,
-                               context_length=self.cond_cfg.context_length, max_boxes=self.cond_cfg.max_boxes,
+        return collate_records(records, kind=self.ae_cfg.kind, conditioning=self.spec.conditioning,
                                scale_factor=self.ae_cfg.scale_factor, shift_factor=self.ae_cfg.shift_factor,
                                generator=generator)

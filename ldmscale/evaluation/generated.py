@@ -95,7 +95,7 @@ def model_images(models: Any, cfg: Config, prompts: Sequence[str] = ()) -> Image
     from ldmscale.inference import SamplingSettings, cycled_inputs, generate
 
     def images_of(indices: list[int]) -> torch.Tensor:
-        inputs = cycled_inputs(cfg.conditioner.kind, indices, prompts=prompts, num_classes=cfg.conditioner.num_classes)
+        inputs = cycled_inputs(models.denoiser.conditioning, indices, prompts)
         settings = SamplingSettings(seeds=[cfg.eval.seed + i for i in indices], num_steps=cfg.eval.num_steps or None,
                                     batch_size=len(indices), progress=False)
         return generate(models, inputs, settings).images * 2 - 1
@@ -106,8 +106,8 @@ def model_images(models: Any, cfg: Config, prompts: Sequence[str] = ()) -> Image
 def evaluate_models(models: Any, cfg: Config, evaluator: SampleEvaluator,
                     num_images: Optional[int] = None) -> dict[str, Any]:
     """Collective: FID / CLIP score of `num_images` (default eval.num_images) images from `models`."""
-    kind = cfg.conditioner.kind
-    prompts = eval_prompts(cfg.eval, cfg.trainer.sample_prompts) if kind == "text" else []
+    takes_prompts = "prompts" in models.denoiser.conditioning.sampling_inputs  # text, sdxl
+    prompts = eval_prompts(cfg.eval, cfg.trainer.sample_prompts) if takes_prompts else []
     num_images = num_images or cfg.eval.num_images
     per_image = [prompts[i % len(prompts)] for i in range(num_images)] if prompts else None
     return evaluator.evaluate(model_images(models, cfg, prompts), num_images, prompts=per_image)

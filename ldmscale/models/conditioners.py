@@ -1,22 +1,126 @@
-"""Conditioners: the frozen open_clip text encoder, class and layout embedders, concat (SR/inpaint)
-inputs, and classifier-free-guidance dropout (`drop_conditions`) / unconditional inputs (`null_conditions`)."""
+"""The conditioning networks: frozen open_clip text towers (one, or SDXL's pair), class and layout embedders,
+the concat inputs of SR/inpainting and SDXL's size/crop embedding. What a conditioning *kind* means
+(cache, collation, CFG null/drop, denoiser inputs, sampling inputs) lives in `ldmscale.conditioning`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The tiny text tower tests and the CPU demo use: open_clip's TextTransformer with FIXED random weights.
+# Tiny text towers with FIXED random weights (no pretrained weights offline): the CPU demo and tests use them.
+# Each: open_clip text config, projection width, seed, activation. The two `sdxl` ones stand for SDXL's pair:
+# CLIP ViT-L/14 (QuickGELU, OpenAI) and OpenCLIP ViT-bigG/14 (GELU), at small widths.
 TINY_TEXT_MODEL = "ldmscale-tiny-text"
 TINY_TEXT_SEED = 20220101
 TINY_TEXT_CFG: dict[str, Any] = dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=2)
 TINY_TEXT_EMBED_DIM = 64
+TINY_TEXT_MODELS: dict[str, dict[str, Any]] = {
+    TINY_TEXT_MODEL: dict(text_cfg=TINY_TEXT_CFG, embed_dim=TINY_TEXT_EMBED_DIM, seed=TINY_TEXT_SEED),
+    "ldmscale-tiny-clip-l": dict(text_cfg=dict(TINY_TEXT_CFG, width=32, layers=3), embed_dim=32, seed=20230726,
+                                 quick_gelu=True),
+    "ldmscale-tiny-bigg": dict(text_cfg=dict(TINY_TEXT_CFG, width=48, layers=3), embed_dim=40, seed=20230727),
+}
+
+
+def text_tower_arch(model_name: str) -> dict[str, Any]:
+    """{embed_dim, text_cfg, quick_gelu} of a tiny or open_clip text tower, from its config alone (no weights)."""
+    if model_name in TINY_TEXT_MODELS:
+        arch = TINY_TEXT_MODELS[model_name]
+        return dict(embed_dim=arch["embed_dim"], text_cfg=dict(arch["text_cfg"]),
+                    quick_gelu=bool(arch.get("quick_gelu", False)), seed=arch["seed"])
+    import open_clip
+
+    arch = open_clip.get_model_config(model_name)
+    if arch is None:
+        raise ValueError(f"conditioner text model {model_name!r} is neither a tiny tower "
+                         f"({', '.join(TINY_TEXT_MODELS)}) nor an open_clip model "
+                         f"(known: {', '.join(open_clip.list_models()[:8])}, ...)")
+    return dict(embed_dim=int(arch["embed_dim"]), text_cfg=dict(arch["text_cfg"]),
+                quick_gelu=bool(arch.get("quick_gelu", False)))
+
+
+def _build_text_tower(arch: dict[str, Any]) -> nn.Module:
+    import open_clip
+    from open_clip.model import _build_text_tower as build
+
+    text_cfg = open_clip.CLIPTextCfg(**arch["text_cfg"])
+    if "seed" not in arch:
+        return build(arch["embed_dim"], text_cfg, quick_gelu=arch["quick_gelu"])
+    # fork_rng: the same weights in every process, whatever the caller's global RNG state
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(arch["seed"])
+        return build(arch["embed_dim"], text_cfg, quick_gelu=arch["quick_gelu"])
+
+
+# HF transformers' CLIPTextModel names (SDXL's `conditioner.embedders.0.transformer.*`, diffusers'
+# text_encoder/ and text_encoder_2/) → open_clip's TextTransformer names.
+_HF_RENAME = (("text_model.embeddings.token_embedding.", "token_embedding."),
+              ("text_model.final_layer_norm.", "ln_final."), (".self_attn.out_proj.", ".attn.out_proj."),
+              (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."),
+              (".mlp.fc2.", ".mlp.c_proj."), ("text_model.encoder.layers.", "transformer.resblocks."))
+
+
+def open_clip_text_state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel(WithProjection) state dict → open_clip TextTransformer keys (q/k/v fused, projection
+    transposed); exact, so the same weights give the same hidden states."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue
+        if key == "text_model.embeddings.position_embedding.weight":
+            out["positional_embedding"] = value
+            continue
+        if key == "text_projection.weight":
+            out["text_projection"] = value.t().contiguous()
+            continue
+        match = re.match(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", key)
+        if match:
+            continue  # fused below
+        for src, dst in _HF_RENAME:
+            key = key.replace(src, dst)
+        out[key] = value
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
+    for i in sorted(layers):
+        for part in ("weight", "bias"):
+            parts = [state.get(f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{part}") for p in "qkv"]
+            if all(p is not None for p in parts):
+                out[f"transformer.resblocks.{i}.attn.in_proj_{part}"] = torch.cat(parts)  # type: ignore[arg-type]
+    return out
+
+
+def hf_text_state_from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `open_clip_text_state_from_hf` (tests write SDXL layouts with it)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "positional_embedding":
+            out["text_model.embeddings.position_embedding.weight"] = value
+        elif key == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()
+        elif match := re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key):
+            for name, part in zip("qkv", value.chunk(3)):
+                out[f"text_model.encoder.layers.{match.group(1)}.self_attn.{name}_proj.{match.group(2)}"] = part
+        elif key != "attn_mask":
+            for dst, src in reversed(_HF_RENAME):
+                key = key.replace(src, dst)
+            out[key] = value
+    return out
+
+
+def text_tower_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any text-tower state dict (open_clip tower, full open_clip CLIP, `text.`-prefixed, or HF CLIP) → the
+    open_clip TextTransformer's keys."""
+    if any(k.startswith("text_model.") for k in state):
+        return open_clip_text_state_from_hf(state)
+    state = {k[len("text."):] if k.startswith("text.") else k: v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
 
 
 @dataclass
@@ -34,15 +138,12 @@ class TextEncoding:
         return positions[None] < self.lengths[:, None]
 
 
-def _build_tiny_text_tower():
-    import open_clip
-    from open_clip.model import _build_text_tower
-
-    # fork_rng: the same weights in every process, whatever the caller's global RNG state
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_TEXT_SEED)
-        tower = _build_text_tower(TINY_TEXT_EMBED_DIM, open_clip.CLIPTextCfg(**TINY_TEXT_CFG))
-    return tower, dict(embed_dim=TINY_TEXT_EMBED_DIM, text_cfg=dict(TINY_TEXT_CFG), seed=TINY_TEXT_SEED)
+def _weights_digest(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class TextEncoder(nn.Module):
@@ -50,41 +151,31 @@ class TextEncoder(nn.Module):
 
     def __init__(self, model_name: str = TINY_TEXT_MODEL, weights: Optional[str] = None, layer: str = "last",
                  context_length: int = 77, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, final_norm: bool = True,
+                 state: Optional[dict[str, torch.Tensor]] = None):
+        """final_norm: apply ln_final to the penultimate tokens (SD2's recipe; SDXL's towers do not).
+        state: weights in any `text_tower_state` layout (instead of a `weights` file)."""
         super().__init__()
         import open_clip
 
         if layer not in ("last", "penultimate"):
             raise ValueError(f"conditioner.text_layer={layer!r} is not one of ['last', 'penultimate']")
-        self.model_name, self.layer, self.weights_path = model_name, layer, weights
-        if model_name == TINY_TEXT_MODEL:
-            tower, arch = _build_tiny_text_tower()
-            if weights:
-                from ldmscale.runs import read_weights
-
-                state = read_weights(weights, what="conditioner.text_weights")
-                state = {k[len("text."):] if k.startswith("text.") else k: v for k, v in state.items()}
-                tower.load_state_dict(state)
-            self.tokenizer = open_clip.tokenize
-        else:
-            if model_name not in open_clip.list_models():
-                raise ValueError(f"conditioner.text_model={model_name!r} is not an open_clip model "
-                                 f"(known: {', '.join(open_clip.list_models()[:8])}, ...)")
-            model = open_clip.create_model(model_name, pretrained=weights, device="cpu")
-            arch = open_clip.get_model_config(model_name)
-            if hasattr(model, "visual"):
-                model.visual = None  # only the text tower is needed
-            tower = model.text if hasattr(model, "text") else model
-            self.tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
-        self.tower = tower
-        self.arch = arch
+        self.model_name, self.layer, self.weights_path, self.final_norm = model_name, layer, weights, final_norm
+        self.arch = text_tower_arch(model_name)
+        self.tower = _build_text_tower(self.arch)
+        if weights:
+            state = _load_state_dict(weights)
+        if state is not None:
+            self.tower.load_state_dict(text_tower_state(state))
+        self.tokenizer = open_clip.tokenize
         self.context_length = context_length
-        text_cfg = arch["text_cfg"]
+        text_cfg = self.arch["text_cfg"]
         self.num_layers = int(text_cfg.get("layers", 12))
         self.width = int(text_cfg.get("width", 512))
-        self.pooled_dim = int(arch["embed_dim"])
+        self.pooled_dim = int(self.arch["embed_dim"])
         self.tower.requires_grad_(False).eval()
-        self.to(device=device, dtype=dtype)
+        if not any(p.is_meta for p in self.tower.parameters()):
+            self.to(device=device, dtype=dtype)
 
     def train(self, mode: bool = True) -> TextEncoder:
         return super().train(False)  # frozen: dropout stays off
@@ -98,25 +189,17 @@ class TextEncoder(nn.Module):
         return next(self.tower.parameters()).device
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        if self.tokenizer is None:
-            raise RuntimeError("no tokenizer")
-        ids = self.tokenizer(list(captions)) if self.model_name != TINY_TEXT_MODEL else \
-            self.tokenizer(list(captions), context_length=self.context_length)
-        return ids.to(self.device)
+        """captions → token ids [B, context_length] (open_clip's BPE: SOT … EOT, zero padding)."""
+        return self.tokenizer(list(captions), context_length=self.context_length).to(self.device)
 
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> TextEncoding:
         index = self.num_layers - (2 if self.layer == "penultimate" else 1)
-        if hasattr(self.tower, "text_projection") and hasattr(self.tower, "transformer") and \
-                hasattr(self.tower, "visual"):  # an open_clip CLIP (text tower at top level)
-            out = self.tower.forward_intermediates(text=ids, text_indices=[index], normalize=False,
-                                                   normalize_intermediates=True)
-        else:  # an open_clip TextTransformer
-            out = self.tower.forward_intermediates(ids, indices=[index], normalize_intermediates=True,
-                                                   output_fmt="NLC")
-        tokens = out["text_intermediates"][0]  # ln_final applied (SD2's penultimate recipe)
+        out = self.tower.forward_intermediates(ids.to(self.device), indices=[index],
+                                               normalize_intermediates=self.final_norm, output_fmt="NLC")
+        tokens = out["text_intermediates"][0]  # SD2's penultimate: ln_final applied; SDXL's: not
         lengths = ids.argmax(dim=-1) + 1  # EOT has the largest id in CLIP's vocabulary
-        return TextEncoding(tokens=tokens, pooled=out["text_features"], lengths=lengths.long())
+        return TextEncoding(tokens=tokens, pooled=out["text_features"], lengths=lengths.long().to(tokens.device))
 
     def encode(self, captions: list[str]) -> TextEncoding:
         """captions → TextEncoding(tokens [B,77,D], pooled [B,P], lengths [B])."""
@@ -129,13 +212,19 @@ class TextEncoder(nn.Module):
         """Identity of what this encoder computes: architecture, layer, sha256 of the weights, dtype.
 
         The cache manifest stores it; training and sampling refuse a cache made by another encoder."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.tower.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return dict(model=self.model_name, arch=json.loads(json.dumps(self.arch, default=str)), layer=self.layer,
-                    context_length=self.context_length, width=self.width, weights_sha256=digest.hexdigest(),
-                    dtype=str(self.dtype).replace("torch.", ""))
+        arch = {k: v for k, v in self.arch.items() if k != "quick_gelu" or v}
+        out = dict(model=self.model_name, arch=json.loads(json.dumps(arch, default=str)), layer=self.layer,
+                   context_length=self.context_length, width=self.width, weights_sha256=_weights_digest(self.tower),
+                   dtype=str(self.dtype).replace("torch.", ""))
+        if not self.final_norm:
+            out["final_norm"] = False
+        return out
+
+
+def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    from ldmscale.runs import read_weights  # the one reader of weights files (never unpickles code)
+
+    return read_weights(path, what="conditioner text weights")
 
 
 def build_text_encoder(cond_cfg, device: torch.device | str | None = None,
@@ -143,6 +232,105 @@ def build_text_encoder(cond_cfg, device: torch.device | str | None = None,
     """The frozen text encoder named by a `ConditionerConfig` (text_model, text_weights, text_layer)."""
     return TextEncoder(cond_cfg.text_model, weights=cond_cfg.text_weights, layer=cond_cfg.text_layer,
                        context_length=cond_cfg.context_length, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- SDXL: two towers + micro-conditioning
+SGM_TOWER_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+DIFFUSERS_TOWER_FOLDERS = ("text_encoder", "text_encoder_2")
+
+
+def sdxl_tower_states(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The two text towers' weights from SDXL's sgm single file (`conditioner.embedders.{0,1}.*`) or a
+    diffusers folder (`text_encoder/`, `text_encoder_2/`), each in the layout it was written in."""
+    path = Path(path)
+    if path.is_dir():
+        states = []
+        for sub in DIFFUSERS_TOWER_FOLDERS:
+            folder = path / sub
+            files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+            if not files:
+                raise FileNotFoundError(f"{folder}: no *.safetensors or *.bin weights (diffusers SDXL layout)")
+            state: dict[str, torch.Tensor] = {}
+            for file in files:
+                state.update(_load_state_dict(str(file)))
+            states.append(state)
+        return states[0], states[1]
+    state = _load_state_dict(str(path))
+    towers = [{k[len(p):]: v for k, v in state.items() if k.startswith(p)} for p in SGM_TOWER_PREFIXES]
+    if not all(towers):
+        raise KeyError(f"{path}: not an SDXL sgm checkpoint (no keys under {' / '.join(SGM_TOWER_PREFIXES)})")
+    return towers[0], towers[1]
+
+
+class SDXLTextEncoder(nn.Module):
+    """SDXL's frozen text pair: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, penultimate hidden states (no final
+    LayerNorm) concatenated per token, and bigG's pooled projected embedding (sgm FrozenOpenCLIPEmbedder2)."""
+
+    def __init__(self, model_1: str, model_2: str, *, weights: Optional[str] = None,
+                 weights_2: Optional[str] = None, context_length: int = 77,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        """weights: an sgm single file or diffusers folder holding both towers, or tower 1's own file (then
+        weights_2 is tower 2's)."""
+        super().__init__()
+        states: tuple[Any, Any] = (None, None)
+        if weights and (Path(weights).is_dir() or _is_sgm_file(weights)):
+            states = sdxl_tower_states(weights)
+        elif weights or weights_2:
+            states = (_load_state_dict(weights) if weights else None, _load_state_dict(weights_2) if weights_2 else None)
+        common = dict(layer="penultimate", context_length=context_length, device=device, dtype=dtype, final_norm=False)
+        self.first = TextEncoder(model_1, state=states[0], **common)  # type: ignore[arg-type]
+        self.second = TextEncoder(model_2, state=states[1], **common)  # type: ignore[arg-type]
+        self.context_length = context_length
+        self.widths = (self.first.width, self.second.width)
+        self.width = sum(self.widths)
+        self.pooled_dim = self.second.pooled_dim
+
+    def train(self, mode: bool = True) -> SDXLTextEncoder:
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.first.device
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """One id sequence serves both towers: they share CLIP's BPE vocabulary (only padding differs, and
+        causal attention keeps padding from changing the real tokens)."""
+        return self.first.tokenize(captions)
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> TextEncoding:
+        first, second = self.first.encode_ids(ids), self.second.encode_ids(ids)
+        tokens = torch.cat([first.tokens, second.tokens.to(first.tokens)], dim=-1)  # [B,L,768+1280]
+        return TextEncoding(tokens=tokens, pooled=second.pooled, lengths=first.lengths)
+
+    def encode(self, captions: list[str]) -> TextEncoding:
+        return self.encode_ids(self.tokenize(captions))
+
+    def forward(self, captions: list[str]) -> TextEncoding:
+        return self.encode(captions)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"towers": [self.first.fingerprint(), self.second.fingerprint()]}
+
+
+def _is_sgm_file(path: str) -> bool:
+    if not Path(path).is_file():
+        return False
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return any(k.startswith(SGM_TOWER_PREFIXES[0]) for k in handle.keys())
+    return any(k.startswith(SGM_TOWER_PREFIXES[0]) for k in _load_state_dict(path))
+
+
+def size_embedding(values: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """SDXL micro-conditioning: [B, n] numbers (sizes, crop offsets) → [B, n*dim], each number a sinusoidal
+    embedding (sgm ConcatTimestepEmbedderND: cos first, max period 10^4)."""
+    from ldmscale.models.unet import timestep_embedding
+
+    batch, count = values.shape
+    return timestep_embedding(values.reshape(-1), dim).reshape(batch, count * dim)
 
 
 class ClassEmbedder(nn.Module):
@@ -214,51 +402,19 @@ def inpaint_concat(mask: torch.Tensor, masked_latents: torch.Tensor) -> torch.Te
     return torch.cat([mask, masked_latents], dim=1)
 
 
-def _null_like(cond: dict[str, torch.Tensor], kind: str, num_classes: Optional[int]) -> dict[str, torch.Tensor]:
-    null: dict[str, torch.Tensor] = {}
-    if kind == "text":
-        if "context" in cond:
-            null["context"] = torch.zeros_like(cond["context"])
-        if "context_mask" in cond:
-            null["context_mask"] = torch.ones_like(cond["context_mask"])  # keep attention finite
-        if "pooled" in cond:
-            null["pooled"] = torch.zeros_like(cond["pooled"])
-    elif kind == "class":
-        if "class_labels" in cond:
-            null["class_labels"] = torch.full_like(cond["class_labels"], -1 if num_classes is None else num_classes)
-    elif kind == "layout":
-        if "box_classes" in cond:
-            null["box_classes"] = torch.full_like(cond["box_classes"], -1)
-        if "boxes" in cond:
-            null["boxes"] = torch.zeros_like(cond["boxes"])
-    elif kind not in ("sr", "inpaint", "none"):
-        raise ValueError(f"conditioner.kind={kind!r} is not one of text, class, layout, sr, inpaint, none")
-    return null
-
-
 def null_conditions(cond: dict[str, torch.Tensor], kind: str,
                     num_classes: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """The unconditional input for CFG sampling: text → zero context (mask all-True), class → null id
-    (`num_classes`, or -1 which the class embedder maps to it), layout → all boxes padding. Concat kept."""
-    out = dict(cond)
-    out.update(_null_like(cond, kind, num_classes))
-    return out
+    """The unconditional input for CFG sampling of a `kind` model (its registry entry decides; concat kept)."""
+    from ldmscale.conditioning import kind_named
+
+    return {**cond, **kind_named(kind, num_classes=num_classes or 0).null(cond)}
 
 
 def drop_conditions(cond: dict[str, torch.Tensor], kind: str, rate: float,
                     generator: Optional[torch.Generator] = None,
                     num_classes: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """Classifier-free-guidance dropout: replace each sample's condition by the null one with prob. `rate`."""
-    if rate <= 0 or kind in ("sr", "inpaint", "none"):
-        return dict(cond)
-    null = _null_like(cond, kind, num_classes)
-    if not null:
-        return dict(cond)
-    first = next(iter(null.values()))
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    drop = torch.rand(first.shape[0], generator=generator, device=gen_device) < rate  # [B]
-    out = dict(cond)
-    for key, null_value in null.items():
-        keep = drop.to(null_value.device).view(-1, *([1] * (null_value.dim() - 1)))
-        out[key] = torch.where(keep, null_value, cond[key])
-    return out
+    """Classifier-free-guidance dropout of a `kind` model: each sample's condition becomes the null one
+    with probability `rate` (per embedder where the kind has several)."""
+    from ldmscale.conditioning import kind_named
+
+    return kind_named(kind, num_classes=num_classes or 0).drop(cond, rate, generator)

@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldmscale.models.attention import BACKENDS, SpatialTransformer, xformers_available
-from ldmscale.models.conditioners import rasterize_boxes
 
 if TYPE_CHECKING:
     from ldmscale.config import ConditionerConfig, UNetConfig
@@ -322,77 +321,46 @@ class Denoiser(nn.Module):
     """The trained stage-2 network: U-Net + trainable conditioning parts (class embedding, layout encoder)."""
 
     def __init__(self, unet: UNet, kind: str = "none", layout_encoder: Optional[nn.Module] = None,
-                 num_classes: Optional[int] = None, concat_channels: int = 0, layout_raster: bool = False):
+                 num_classes: Optional[int] = None, concat_channels: int = 0, layout_raster: bool = False,
+                 conditioning: Any = None, modules: Optional[dict[str, nn.Module]] = None):
+        """conditioning: the kind's `ldmscale.conditioning.Conditioning` (built from `kind` if None); it
+        turns cond into the U-Net's inputs. modules: its trainable parts, registered under their names."""
         super().__init__()
-        self.unet, self.kind = unet, kind
-        self.layout_encoder = layout_encoder
-        self.layout_raster = layout_raster  # also concatenate the boxes' coverage map onto x_t
+        if conditioning is None:
+            from ldmscale.conditioning import kind_named
+
+            conditioning = kind_named(kind, num_classes=num_classes or 0, layout_raster=layout_raster)
+        self.unet, self.kind, self.conditioning = unet, conditioning.name, conditioning
+        if layout_encoder is not None:
+            modules = {"layout_encoder": layout_encoder, **(modules or {})}
+        for name, module in (modules or {}).items():
+            self.add_module(name, module)
         self.num_classes = num_classes  # conditioning classes; the U-Net holds one more row (the null class)
         self.concat_channels = concat_channels
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        cond = cond or {}
-        context, mask, y = cond.get("context"), cond.get("context_mask"), None
-        if self.concat_channels:
-            if "concat" not in cond:
-                raise ValueError(f"conditioner.kind={self.kind!r} needs cond['concat'] [B,{self.concat_channels},h,w]")
-            x_t = torch.cat([x_t, cond["concat"].to(x_t.dtype)], dim=1)
-        if self.kind == "class":
-            labels = cond["class_labels"]
-            y = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
-        elif self.kind == "layout":
-            context, mask = self.layout_encoder(cond["boxes"], cond["box_classes"])
-            if self.layout_raster:  # CFG's null layout (all padding) rasterizes to zeros
-                raster = rasterize_boxes(cond["boxes"].float(), cond["box_classes"], tuple(x_t.shape[-2:]))
-                x_t = torch.cat([x_t, raster.to(x_t.dtype)], dim=1)
-            mask = mask | ~mask.any(dim=1, keepdim=True)  # an all-padding layout (CFG null) attends to all boxes
-        elif self.unet.adm_in_channels is not None and "pooled" in cond:
-            y = cond["pooled"]
+        x_t, context, mask, y = self.conditioning.denoiser_inputs(self, x_t, cond or {})
         if self.unet.context_dim is not None and context is None:
             raise ValueError(f"the U-Net has context_dim={self.unet.context_dim}: cond['context'] is missing")
         return self.unet(x_t, t, context=context, context_mask=mask, y=y)
 
 
 def concat_channels_for(model_cfg: UNetConfig, cond_cfg: ConditionerConfig) -> int:
-    """Channels the caller concatenates onto x_t (cond["concat"]): sr → 3 (the low-res image), inpaint →
-    mask + masked latent, else 0. (A layout raster is made inside the Denoiser from the boxes.)"""
-    if cond_cfg.kind not in ("sr", "inpaint"):
-        return 0
-    return cond_cfg.concat_channels or (3 if cond_cfg.kind == "sr" else model_cfg.out_channels + 1)
+    """Channels the caller concatenates onto x_t (cond["concat"]) for this conditioner (0: none)."""
+    from ldmscale.conditioning import kind_for
+
+    return kind_for(cond_cfg).concat_channels(model_cfg)
 
 
 def build_denoiser(model_cfg: UNetConfig, cond_cfg: ConditionerConfig) -> Denoiser:
-    """U-Net + the trainable conditioning parts named by `cond_cfg.kind`."""
-    kind = cond_cfg.kind
-    kwargs = unet_kwargs(model_cfg)
-    concat_channels = concat_channels_for(model_cfg, cond_cfg)
-    if concat_channels:
-        expected = model_cfg.out_channels + concat_channels
-        if model_cfg.in_channels not in (model_cfg.out_channels, expected):
-            raise ValueError(f"model.in_channels={model_cfg.in_channels} but conditioner.kind={kind!r} concatenates "
-                             f"{concat_channels} channels onto {model_cfg.out_channels} latent channels: "
-                             f"expected {expected}")
-        kwargs["in_channels"] = expected
-    layout_encoder = None
-    layout_raster = kind == "layout" and cond_cfg.layout_raster
-    if layout_raster:
-        if model_cfg.in_channels not in (model_cfg.out_channels, model_cfg.out_channels + 1):
-            raise ValueError(f"model.in_channels={model_cfg.in_channels}: conditioner.layout_raster adds one "
-                             f"channel to {model_cfg.out_channels} latent channels")
-        kwargs["in_channels"] = model_cfg.out_channels + 1
-    if kind == "class":
-        if cond_cfg.num_classes <= 0:
-            raise ValueError("conditioner.kind='class' needs conditioner.num_classes > 0")
-        kwargs["num_classes"], kwargs["adm_in_channels"] = cond_cfg.num_classes + 1, None  # + null class
-    elif kind == "layout":
-        if cond_cfg.num_classes <= 0 or not model_cfg.context_dim:
-            raise ValueError("conditioner.kind='layout' needs conditioner.num_classes > 0 and model.context_dim")
-        from ldmscale.models.conditioners import LayoutEncoder
+    """U-Net + the trainable conditioning parts of `cond_cfg`'s kind (widths checked against model.*)."""
+    from ldmscale.conditioning import kind_for
 
-        layout_encoder = LayoutEncoder(cond_cfg.num_classes, dim=cond_cfg.layout_dim,
-                                       context_dim=model_cfg.context_dim, max_boxes=cond_cfg.max_boxes)
-    if kind not in ("text", "layout"):
-        kwargs["context_dim"] = None  # nothing to cross-attend to: the transformers self-attend only
+    conditioning = kind_for(cond_cfg)
+    kwargs = unet_kwargs(model_cfg)
+    modules = conditioning.configure_unet(model_cfg, kwargs)
     unet = _finish_unet(UNet(**kwargs), model_cfg)  # model.compile compiles the U-Net that trains
-    return Denoiser(unet, kind, layout_encoder, cond_cfg.num_classes if kind == "class" else None, concat_channels,
-                    layout_raster)
+    num_classes = kwargs["num_classes"] - 1 if kwargs.get("num_classes") else None
+    return Denoiser(unet, conditioning.name, num_classes=num_classes,
+                    concat_channels=conditioning.concat_channels(model_cfg), conditioning=conditioning,
+                    modules=modules)
