@@ -37,3 +37,23 @@ def test_an_unfinished_stage1_run_says_how_to_get_its_export(tmp_path):
         autoencoder_path(tmp_path / "run")
     assert autoencoder_path(tmp_path / "elsewhere") == tmp_path / "elsewhere"  # other paths pass through
 
+
+
+def test_a_stage1_run_dir_loads_as_its_autoencoder(tmp_path):
+    import json
+
+    from ldmscale.config import compose, save_resolved
+    from ldmscale.models import build_autoencoder, save_autoencoder
+    from ldmscale.runs import load
+    from ldmscale.stage1 import EXPORT_DIR, LATENT_SCALE_FILE
+
+    cfg = compose(["+experiment=ae_demo", "stage=autoencoder", f"run_dir={tmp_path / 'ae'}"])
+    save_resolved(cfg, tmp_path / "ae")
+    torch.manual_seed(3)
+    trained = build_autoencoder(cfg.autoencoder)
+    save_autoencoder(trained, tmp_path / "ae" / EXPORT_DIR)
+    (tmp_path / "ae" / LATENT_SCALE_FILE).write_text(json.dumps({"scale_factor": 1.0, "shift_factor": 0.0}))
+    run = load(tmp_path / "ae")
+    assert run.denoiser is None and run.cfg.stage == "autoencoder"
+    loaded = run.autoencoder.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.state_dict().items())
