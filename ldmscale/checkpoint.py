@@ -7,6 +7,7 @@ Layout under `checkpoint.dir` (default RUN_DIR/checkpoints):
     step_00000100/meta.json         written last by rank 0: step, world size, ZeRO stage, resolved config,
                                     and the size and CRC-32 of every other file (read back from disk)
     latest                          the tag of the newest COMPLETE checkpoint (atomic rename)
+    ema_snapshots/                  ema.kind=power: fp16 EMA snapshots (ema.py); retention leaves them
 
 Every file is loaded as data (torch.load weights_only=True; DeepSpeed's few plain classes are allow-listed in
 distributed/engine.py): a run directory from someone else never executes code. A checkpoint is verified
@@ -440,3 +441,17 @@ def load_run_weights(run_dir: str | Path, *, ema: bool = True, engine: str = "de
         partitions = [_ema_state(load_data(f), engine, f) for f in files]
         state = {**state, **assemble_partitions(partitions, {k: v.shape for k, v in state.items()})}
     return state, meta
+
+
+def write_weights_export(state: dict[str, torch.Tensor], out: str | Path, *, weights: str, step: int,
+                         source: str | Path, config: dict[str, Any]) -> Path:
+    """The flat safetensors export that sampling, evaluation and checkpoint.load_weights_only read: a
+    Denoiser state dict, with metadata naming the weights (ema, raw, ...), the step, the run and its config."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = {"weights": weights, "step": str(step), "source": str(Path(source).resolve()),
+            "config": json.dumps(config, default=str)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=info)
+    return out

@@ -333,11 +333,19 @@ class CheckpointConfig:
 
 @dataclass
 class EMAConfig:
-    """Exponential moving average of the trained weights."""
+    """Moving average of the trained weights: exponential, or EDM2's power function (length chosen post hoc)."""
 
     enabled: bool = True
-    decay: float = 0.999
-    start_step: int = 0
+    kind: str = "exponential"  # exponential | power (EDM2: tools/posthoc_ema.py picks σ_rel after training)
+    decay: float = 0.999  # exponential only
+    start_step: int = 0  # exponential only: before it the EMA copies the weights
+    # power only: one tracked profile per relative width σ_rel (EDM2's pair); the first is the live EMA
+    # (sample grids, export, eval). Snapshots of all profiles every snapshot_every_steps (and at the last
+    # step) go to checkpoint.dir/ema_snapshots as fp16 safetensors; 0 = none (no post-hoc EMA).
+    sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    snapshot_every_steps: int = 1000
+    # power only: the σ_rel values the demo (stage=demo) reconstructs after stage 2 and evaluates each of
+    posthoc_sigma_rels: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.12, 0.2])
 
 
 @dataclass
@@ -427,6 +435,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "deepspeed.backend": ("auto", "nccl", "gloo"),
     "logger.wandb_mode": ("offline", "online", "disabled"),
     "launcher.kind": ("local", "slurm"),
+    "ema.kind": ("exponential", "power"),
     "model.attention_backend": ("sdpa", "xformers", "math"),
 }
 
@@ -479,12 +488,25 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.max_aspect_ratio={cfg.data.max_aspect_ratio} must be >= 1 (or 0: no limit)")
     if not all(0 <= b < 1 for b in cfg.optim.betas) or len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
+    _validate_ema(cfg.ema)
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
             f"data.micro_batch_size={cfg.data.micro_batch_size}"
         )
     return cfg
+
+
+def _validate_ema(ema: EMAConfig) -> None:
+    if ema.snapshot_every_steps < 0:
+        raise ConfigError(f"ema.snapshot_every_steps={ema.snapshot_every_steps} must be >= 0 (0: no snapshots)")
+    if ema.kind == "power" and not ema.sigma_rels:
+        raise ConfigError("ema.sigma_rels is empty: ema.kind=power tracks one profile per σ_rel")
+    limit = (1 / 12) ** 0.5  # σ_rel of the flattest profile (γ → 0)
+    for key in ("ema.sigma_rels", "ema.posthoc_sigma_rels"):
+        for value in getattr(ema, key.split(".")[1]):
+            if not 0 < value < limit:
+                raise ConfigError(f"{key} holds {value}: every σ_rel must lie in (0, {limit:.4f})")
 
 
 def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:

@@ -139,8 +139,10 @@ class Pipeline:
         grid_path = self.root / "samples.png"
         save_grid([im for row in rows for im in row], grid_path, columns=GRID_COLUMNS)
         scores = {"task": models.cfg.conditioner.kind, **scores, **quality, "grid": str(grid_path)}
-        (self.root / "eval.json").write_text(json.dumps(scores, indent=2))
         print(f"[demo] {summary}", flush=True)
+        if models.cfg.ema.enabled and models.cfg.ema.kind == "power":
+            scores["posthoc_ema"] = self.evaluate_posthoc_ema(models.cfg, device)
+        (self.root / "eval.json").write_text(json.dumps(scores, indent=2))
         return scores
 
     def sample_quality(self, images: torch.Tensor, prompts: list[str] | None, device: str) -> dict[str, float]:
@@ -160,6 +162,21 @@ class Pipeline:
         pixels = images * 2 - 1
         result = quality.evaluate(lambda indices: pixels[indices], len(pixels), prompts=prompts)
         return {k: result[k] for k in ("fid", "clip_score") if k in result}
+
+    def evaluate_posthoc_ema(self, cfg: Config, device: str) -> dict[str, Any]:
+        """EDM2's post-hoc EMA: the same evaluation for each σ_rel in ema.posthoc_sigma_rels, reconstructed
+        from the run's snapshots and exported (RUN_DIR/unet/export/) as tools/posthoc_ema.py would."""
+        from ldmscale.demo_tasks import TaskEvaluator
+        from ldmscale.ema import export_posthoc
+        from ldmscale.runs import load
+
+        results = {}
+        for sigma_rel, path in export_posthoc(self.unet_dir, list(cfg.ema.posthoc_sigma_rels)).items():
+            models = load(path, config=self.unet_dir / "config.json", device=device)
+            scores, summary, _ = TaskEvaluator(models.cfg, models, self.cfg.pipeline.eval_batch_size).run()
+            results[f"{sigma_rel:g}"] = {**scores, "export": str(path)}
+            print(f"[demo] post-hoc EMA sigma_rel={sigma_rel:g}: {summary}", flush=True)
+        return results
 
 
 def save_grid(images: torch.Tensor | list[torch.Tensor], path: Path, columns: int) -> None:

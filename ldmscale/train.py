@@ -119,7 +119,7 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
     from ldmscale.data.loader import build_loader
     from ldmscale.diffusion.objective import DiffusionObjective
     from ldmscale.distributed import engine as eng
-    from ldmscale.ema import PartitionedEMA
+    from ldmscale.ema import SNAPSHOT_DIR, build_ema
     from ldmscale.evaluation.generated import LoopEvaluation
     from ldmscale.trainer import DiffusionTask, SampleGrid
 
@@ -128,7 +128,8 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
                             global_batch_size=cfg.data.global_batch_size, world_size=dist.world_size,
                             max_steps=cfg.trainer.max_steps)
     flops = flops_per_image(cfg)
-    ema = PartitionedEMA(engine.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
+    ema = build_ema(engine.module, cfg.ema, snapshot_dir=f"{cfg.checkpoint.dir}/{SNAPSHOT_DIR}",
+                    max_steps=cfg.trainer.max_steps)
     task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), ema, conditioning=denoiser.conditioning,
                          ucg_rate=cfg.conditioner.ucg_rate, seed=cfg.seed, rank=dist.rank,
                          sampler=SampleGrid(cfg) if cfg.trainer.sample_every_steps else None,

@@ -14,7 +14,6 @@ Works for checkpoints of any ZeRO stage and world size (DeepSpeed's zero_to_fp32
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ldmscale.checkpoint import load_run_weights  # noqa: E402
+from ldmscale.checkpoint import load_run_weights, write_weights_export  # noqa: E402
 from ldmscale.runs import load  # noqa: E402
 
 FORMATS = ("safetensors", "ldmscale", "diffusers", "ldm")
@@ -33,14 +32,9 @@ def export(run_dir: str | Path, out: str | Path, *, ema: bool = True, format: st
     """Write the run's denoiser (EMA or raw) as `format`; returns what was written."""
     out = Path(out)
     if format == "safetensors":
-        from safetensors.torch import save_file
-
         state, meta = load_run_weights(run_dir, ema=ema, tag=tag)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        info = {"weights": "ema" if ema else "raw", "step": str(meta["step"]), "source": str(Path(run_dir).resolve()),
-                "config": json.dumps(meta.get("config", {}), default=str)}
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=info)
-        return out
+        return write_weights_export(state, out, weights="ema" if ema else "raw", step=meta["step"],
+                                    source=run_dir, config=meta.get("config", {}))
     if format not in FORMATS:
         raise ValueError(f"--format {format!r} is not one of {list(FORMATS)}")
     from ldmscale.models import save_autoencoder, save_unet

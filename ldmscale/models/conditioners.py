@@ -61,7 +61,9 @@ def _build_text_tower(arch: dict[str, Any]) -> nn.Module:
 
 
 # HF transformers' CLIPTextModel names (SDXL's `conditioner.embedders.0.transformer.*`, diffusers'
-# text_encoder/ and text_encoder_2/) → open_clip's TextTransformer names.
+# text_encoder/ and text_encoder_2/) → open_clip's TextTransformer names. transformers >= 5 saves a plain
+# CLIPTextModel without the `text_model.` prefix (WithProjection keeps it): both spellings are read.
+_HF_BARE = ("embeddings.", "encoder.layers.", "final_layer_norm.")
 _HF_RENAME = (("text_model.embeddings.token_embedding.", "token_embedding."),
               ("text_model.final_layer_norm.", "ln_final."), (".self_attn.out_proj.", ".attn.out_proj."),
               (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."),
@@ -71,6 +73,7 @@ _HF_RENAME = (("text_model.embeddings.token_embedding.", "token_embedding."),
 def open_clip_text_state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A CLIPTextModel(WithProjection) state dict → open_clip TextTransformer keys (q/k/v fused, projection
     transposed); exact, so the same weights give the same hidden states."""
+    state = {f"text_model.{k}" if k.startswith(_HF_BARE) else k: v for k, v in state.items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.endswith("position_ids"):
@@ -117,7 +120,7 @@ def hf_text_state_from_open_clip(state: dict[str, torch.Tensor]) -> dict[str, to
 def text_tower_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Any text-tower state dict (open_clip tower, full open_clip CLIP, `text.`-prefixed, or HF CLIP) → the
     open_clip TextTransformer's keys."""
-    if any(k.startswith("text_model.") for k in state):
+    if any(k.startswith(("text_model.", *_HF_BARE)) for k in state):
         return open_clip_text_state_from_hf(state)
     state = {k[len("text."):] if k.startswith("text.") else k: v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
@@ -165,14 +168,20 @@ class TextEncoder(nn.Module):
         self.tower = _build_text_tower(self.arch)
         if weights:
             state = _load_state_dict(weights)
-        if state is not None:
-            self.tower.load_state_dict(text_tower_state(state))
-        self.tokenizer = open_clip.tokenize
-        self.context_length = context_length
         text_cfg = self.arch["text_cfg"]
         self.num_layers = int(text_cfg.get("layers", 12))
         self.width = int(text_cfg.get("width", 512))
         self.pooled_dim = int(self.arch["embed_dim"])
+        if state is not None:
+            state = text_tower_state(state)
+            if "text_projection" not in state and self.tower.text_projection is not None:
+                # transformers' CLIPTextModel (SDXL's ViT-L: text_encoder/, embedders.0) has no projection:
+                # its pooled output is the final-normed EOT state, and no random projection may be left in
+                self.tower.text_projection = None
+                self.pooled_dim = self.width
+            self.tower.load_state_dict(state)
+        self.tokenizer = open_clip.tokenize
+        self.context_length = context_length
         self.tower.requires_grad_(False).eval()
         if not any(p.is_meta for p in self.tower.parameters()):
             self.to(device=device, dtype=dtype)
