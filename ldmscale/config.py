@@ -197,6 +197,9 @@ class DataConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     shuffle_buffer: int = 1000  # online path only: samples shuffled in a streaming buffer
+    # cached path: samples are shuffled within windows of this many shards (after a shard permutation);
+    # bigger = closer to a global shuffle, but more index memory and open files per worker (README)
+    shuffle_window: int = 64
     samples_per_epoch: int = 0  # online path: samples per epoch over all ranks (0: one pass, 1 rank only)
     # Raw-image limits (cache job and online path), read from the header before any pixel is decoded:
     min_size: Optional[int] = None  # short side below this: "too_small"; None: a quarter of resolution; 0: off
@@ -364,6 +367,8 @@ class CacheConfig:
     # tower(s) in the training process (see README, "Text in the cache")
     text: str = "embeddings"
     max_failure_rate: float = 0.05  # skipped/read above this → the job exits non-zero
+    # a stream (pipe:, URL) that delivers no byte for this long is killed; its shard stays incomplete
+    read_timeout_s: float = 600.0
     progress: bool = True
 
 
@@ -464,6 +469,9 @@ def validate(cfg: Config) -> Config:
                 "launcher.array_parallelism", "launcher.shards_per_task"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("data.shuffle_window", "cache.read_timeout_s"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
     for key in ("eval.num_images", "eval.batch_size"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
@@ -532,13 +540,7 @@ def check_paths(cfg: Config) -> None:
     import os
 
     for key in ("run_dir", "checkpoint.dir"):
-        path = Path(_get(cfg, key))
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"{key}={str(path)!r} is a file, not a folder")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"{key}={str(path)!r} cannot be created: {err.strerror or err}") from None
+        path = Path(creatable_dir(str(_get(cfg, key)), key))
         if not os.access(path, os.W_OK):
             raise ConfigError(f"{key}={str(path)!r} is not writable")
     for i, url in enumerate(cfg.data.train_shards):
@@ -585,6 +587,21 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="ldmscale_schema", node=Config)
     if not OmegaConf.has_resolver("ldmscale.run_dir"):
         OmegaConf.register_new_resolver("ldmscale.run_dir", default_run_dir)
+    if not OmegaConf.has_resolver("ldmscale.creatable"):
+        OmegaConf.register_new_resolver("ldmscale.creatable", creatable_dir)
+
+
+def creatable_dir(path: str, key: str = "run_dir") -> str:
+    """`path` unchanged if it is (or can be made) a folder; else a ConfigError naming `key`. Hydra makes
+    hydra.run.dir (= run_dir) before any of our code runs, so the check sits in that interpolation."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key}={path!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}={path!r} cannot be created: {err.strerror or err}") from None
+    return path
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:

@@ -26,7 +26,8 @@ class Task(Protocol):
     def engines(self) -> dict[str, Any]: ...  # name → Engine, saved/loaded by the checkpointer
 
     def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
-        """Returns detached tensors: at least "loss" (mean over micro-batches) and "skipped" (0/1)."""
+        """Returns detached tensors: at least "loss" (mean over micro-batches) and "skipped" (0/1), left on
+        the device: the trainer reads them only on its sync steps."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...  # this rank's extra state: EMA partition, generators

@@ -59,16 +59,25 @@ def good(key: str, width: int = 32, height: int = 32, caption: str = "a red squa
     return sample
 
 
+def cached_synthetic(root: Path, num_samples: int, shard_size: int) -> Path:
+    """`num_samples` synthetic samples in shards of `shard_size`, cached by the real job into root/cache."""
+    from ldmscale.data.cache import run_cache_job
+    from ldmscale.data.synthetic import write_shards
+
+    write_shards(root / "raw", num_samples, resolution=32, shard_size=shard_size, progress=False)
+    cfg = config()
+    cfg.cache.input, cfg.cache.output = str(root / "raw"), str(root / "cache")
+    run_cache_job(cfg.data, cfg.conditioner, cfg.autoencoder, cfg.cache, encoders=encoders())
+    return root / "cache"
+
+
 def cached_records(folder: Path) -> list:
-    """Every cached record of a cache folder, read straight from the tars."""
-    from ldmscale.data.cache_format import decode_record
+    """Every cached record of a cache folder, read straight from the tars by plain webdataset."""
+    import webdataset as wds
+
+    from ldmscale.data.cache_format import decode_sample
 
     records = []
     for shard in sorted(Path(folder).glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members: dict[str, dict[str, bytes]] = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        records += [decode_record(key, parts) for key, parts in members.items()]
+        records += [decode_sample(s) for s in wds.WebDataset(str(shard), shardshuffle=False)]
     return records

@@ -14,7 +14,7 @@ from pathlib import Path
 from _data_helpers import config, encoders
 
 from ldmscale.data.cache import run_cache_job
-from ldmscale.data.cache_format import parse_tar_span
+from ldmscale.data.cache_format import read_index, read_record
 from ldmscale.data.synthetic import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,10 +62,9 @@ def test_sigkill_then_rerun_gives_exactly_the_expected_samples(tmp_path):
                                   "bytes": manifest["totals"]["bytes"]}
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no partial/temporary files
     # Every indexed span parses back to its own sample.
+    shards = {s["name"]: s for s in manifest["shards"]}
     for shard in sorted(out.glob("*.tar")):
-        import numpy as np
-
-        index = np.load(f"{shard}.idx.npy")
-        data = shard.read_bytes()
-        spans = [parse_tar_span(data[o: o + n])[0] for o, n, _ in index]
+        with open(shard, "rb") as f:
+            index = read_index(f, shards[shard.name]["index_span"], str(shard))
+            spans = [read_record(f, row, str(shard)).key for row in index]
         assert len(spans) == 8 and len(set(spans)) == 8

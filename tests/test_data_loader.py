@@ -7,22 +7,17 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from _data_helpers import config, encoders, good, write_tar
+from _data_helpers import cached_synthetic, config, encoders, good, write_tar
 
 from ldmscale.data.cache import run_cache_job
-from ldmscale.data.loader import CacheMismatchError, build_loader, epoch_plan
+from ldmscale.data.loader import CacheMismatchError, build_loader, epoch_plan, plan_batches
 from ldmscale.data.synthetic import write_shards
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """44 synthetic samples in uneven shards (10, 10, 10, 10, 4), cached once for the module."""
-    root = tmp_path_factory.mktemp("loader")
-    write_shards(root / "raw", 44, resolution=32, shard_size=10, progress=False)
-    cfg = config()
-    cfg.cache.input, cfg.cache.output = str(root / "raw"), str(root / "cache")
-    run_cache_job(cfg.data, cfg.conditioner, cfg.autoencoder, cfg.cache, encoders=encoders())
-    return root / "cache"
+    return cached_synthetic(tmp_path_factory.mktemp("loader"), 44, 10)
 
 
 def _cfg(cache, **data):
@@ -53,15 +48,9 @@ def test_batch_format_and_latent_sampling(cache):
     assert torch.equal(lengths, ids.argmax(-1) + 1)
     assert torch.all(batch["context"][~batch["context_mask"]] == 0)
     # The latent is drawn from the cached moments exactly as the autoencoder does, then scaled.
-    from ldmscale.data.cache_format import decode_record, parse_tar_span
     from ldmscale.data.loader import batch_seed
 
-    table = loader.table
-    records = []
-    for i in batch["sample_ids"].tolist():
-        with open(table.shard_paths[table.shard[i]], "rb") as f:
-            f.seek(int(table.offset[i]))
-            records.append(decode_record(*parse_tar_span(f.read(int(table.length[i])))))
+    records = loader.read_samples(batch["sample_ids"].tolist())
     moments = torch.stack([r.moments for r in records]).float()
     gen = torch.Generator().manual_seed(batch_seed(3, 0, 0))
     expected = (encoders().autoencoder.latent_from_moments(moments, generator=gen) - 0.1) * 0.5
@@ -87,23 +76,45 @@ def test_two_ranks_two_workers_see_every_sample_once(cache):
         assert torch.equal(a["sample_ids"], b["sample_ids"]) and torch.equal(a["latents"], b["latents"])
 
 
+def _shard_table(bucket, source, shard_size, num_buckets=3):
+    """Per-sample buckets/sources → the loader's ShardTable (shards of `shard_size` within each source)."""
+    from ldmscale.data.loader import ShardTable
+
+    counts, sources, sample_bucket = [], [], []
+    for s in np.unique(source):
+        own = bucket[source == s]
+        for lo in range(0, own.size, shard_size):
+            part = own[lo: lo + shard_size]
+            counts.append(np.bincount(part, minlength=num_buckets))
+            sources.append(s)
+            sample_bucket.append(np.sort(part, kind="stable"))  # ids are bucket-major within a shard
+    table = ShardTable([f"s{i}" for i in range(len(counts))], np.asarray(counts, np.int64),
+                       np.zeros((len(counts), 2), np.int64), np.asarray(sources, np.int32),
+                       [(1, 1)] * num_buckets, [])
+    return table, np.concatenate(sample_bucket), np.repeat(table.source, table.counts.sum(1))
+
+
+def _plan(table, weights=(), **kw):
+    plan = epoch_plan(table.counts, table.source, weights, **{"window": 1000, **kw})
+    return plan_batches(plan, table)
+
+
 def test_epoch_plan_uneven_counts_and_exact_once():
     rng = np.random.default_rng(0)
-    bucket = rng.integers(0, 3, size=1001).astype(np.int32)
-    source = np.zeros(1001, np.int32)
+    table, bucket, _ = _shard_table(rng.integers(0, 3, size=1001), np.zeros(1001, np.int32), 10)
     for world in (1, 3, 8):
-        plan = epoch_plan(bucket, source, (), seed=1, epoch=2, micro_batch_size=16, world_size=world)
+        plan = _plan(table, seed=1, epoch=2, micro_batch_size=16, world_size=world)
         assert plan.shape[0] % world == 0
         flat = plan.ravel()
         assert len(set(flat.tolist())) == flat.size  # nobody sees a sample twice
         assert all(len(set(bucket[row].tolist())) == 1 for row in plan)  # one bucket per batch
         assert 1001 - flat.size < 3 * 16 + world * 16  # only bucket remainders and the rank cut are dropped
-    a = epoch_plan(bucket, source, (), seed=1, epoch=2, micro_batch_size=16, world_size=1)
-    b = epoch_plan(bucket, source, (), seed=1, epoch=3, micro_batch_size=16, world_size=1)
+    a = _plan(table, seed=1, epoch=2, micro_batch_size=16, world_size=1)
+    b = _plan(table, seed=1, epoch=3, micro_batch_size=16, world_size=1)
     assert not np.array_equal(a, b)
-    # Weighted mixing: source 1 (100 samples) at weight 3 vs source 0 (900) at weight 1.
-    source = np.r_[np.zeros(900, np.int32), np.ones(101, np.int32)]
-    plan = epoch_plan(bucket, source, (1.0, 3.0), seed=0, epoch=0, micro_batch_size=1, world_size=1)
+    # Weighted mixing: source 1 (101 samples) at weight 3 vs source 0 (900) at weight 1.
+    table, _, source = _shard_table(rng.integers(0, 3, size=1001), np.r_[np.zeros(900, np.int32), np.ones(101, np.int32)], 5)
+    plan = _plan(table, (1.0, 3.0), seed=0, epoch=0, micro_batch_size=1, world_size=1)
     share = (source[plan.ravel()] == 1).mean()
     assert share == pytest.approx(0.75, abs=0.01)
 

@@ -453,6 +453,15 @@ def test_bad_paths_fail_at_start_naming_the_key(tmp_path, monkeypatch):
             check_paths(cfg)
 
 
+def test_an_uncreatable_run_dir_fails_before_hydra_makes_it(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for run_dir, message in (("/proc/x", "run_dir='/proc/x' cannot be created"),
+                             (str(a_file), f"run_dir='{a_file}' is a file, not a folder")):
+        code, out, _, _ = run_timed([sys.executable, "-m", "ldmscale.train", f"run_dir={run_dir}"], timeout=120)
+        assert code != 0 and message in out, out[-2000:]
+
+
 def test_the_demo_refuses_torchrun_and_dry_run_does_not_run_it(tmp_path):
     cmd = [sys.executable, "-m", "ldmscale.train", f"run_dir={tmp_path}/demo"]
     ranks = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")

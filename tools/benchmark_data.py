@@ -1,7 +1,8 @@
 """Data-path benchmarks: (a) cached loader samples/s per worker, (b) cache-job overhead over a bare
-encoder loop, (c) bytes per cached sample vs padded 77×1024 fp16 text.
+encoder loop, (c) bytes per cached sample vs padded 77×1024 fp16 text, (d) the local cache job's
+throughput with 1 and 2 worker processes (cache.num_workers).
 
-    PYTHONPATH=. python tools/benchmark_data.py [--samples 2048] [--job-samples 64]
+    PYTHONPATH=. python tools/benchmark_data.py [--samples 2048] [--job-samples 64] [--pool-shards 4]
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -21,7 +23,6 @@ import torch  # noqa: E402
 
 from ldmscale.config import AutoencoderConfig, ConditionerConfig, DataConfig  # noqa: E402
 from ldmscale.data.cache_format import (  # noqa: E402,E501
-    INDEX_SUFFIX,
     MANIFEST,
     CachedRecord,
     RecordWriter,
@@ -61,12 +62,11 @@ def write_fake_cache(folder: Path, num_samples: int, shard_size: int, ae_cfg, co
                         "bucket": [256, 256], "flipped": False, "source": f"s3://laion/{shard:05d}.tar:{i:09d}"}
                 writer.write(CachedRecord(f"{i:09d}", torch.randn(8, 32, 32), torch.randn(int(lengths[i]), 1024),
                                           torch.randn(1024), int(lengths[i]), meta), 0, "bf16", "fp16")
-            index = writer.close()
-        np.save(folder / f"{name}{INDEX_SUFFIX}", index)
+            index, span = writer.close()
         size = (folder / name).stat().st_size
         total += size
         results.append(ShardResult(name, name, True, len(index), len(index), bucket_counts=[len(index)], spec=spec,
-                                   bytes=size))
+                                   bytes=size, index_span=span))
     (folder / MANIFEST).write_text(json.dumps(build_manifest(results)))
     return total
 
@@ -118,12 +118,29 @@ def bench_job(tmp: Path, num_samples: int, resolution: int) -> tuple[float, floa
     return job, bare
 
 
+def bench_pool(tmp: Path, num_shards: int, per_shard: int, workers: int) -> float:
+    """run_cache_job samples/s with `workers` processes (a fresh output folder, same raw shards)."""
+    from ldmscale.config import compose
+    from ldmscale.data.cache import run_cache_job
+    from ldmscale.data.synthetic import write_shards
+
+    raw = tmp / "pool-raw"
+    if not raw.exists():
+        write_shards(raw, num_shards * per_shard, resolution=32, shard_size=per_shard, progress=False)
+    cfg = compose(["cache.progress=false", "cache.device=cpu", f"cache.num_workers={workers}", "cache.batch_size=16",
+                   f"cache.input={raw}", f"cache.output={tmp}/pool-{workers}"])
+    start = time.perf_counter()
+    manifest = run_cache_job(cfg.data, cfg.conditioner, cfg.autoencoder, cfg.cache, seed=cfg.seed)
+    return manifest["totals"]["written"] / (time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=2048, help="cached samples for (a) and (c)")
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--job-samples", type=int, default=64, help="raw samples for (b)")
     parser.add_argument("--job-resolution", type=int, default=128)
+    parser.add_argument("--pool-shards", type=int, default=8, help="(d): shards of 64 samples; 0 skips (d)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ae_cfg = AutoencoderConfig(ch=128, ch_mult=[1, 2, 4, 4], embed_dim=4, z_channels=4)  # SD-VAE layout: f8, 4 ch
@@ -142,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         job, bare = bench_job(Path(tmp), args.job_samples, args.job_resolution)
         print(f"(b) cache job {job:.1f} samples/s vs bare encoder loop {bare:.1f} samples/s: overhead "
               f"{bare / job - 1:+.1%} (goal <= 10%; CPU, {args.job_resolution}px, tiny text tower)")
+        if args.pool_shards:
+            one, two = (bench_pool(Path(tmp), args.pool_shards, 64, w) for w in (1, 2))
+            print(f"(d) local cache job, demo encoders at 32 px: 1 worker {one:.1f} samples/s, 2 workers "
+                  f"{two:.1f} samples/s ({two / one:.2f}x; {os.cpu_count()} cores, whole job incl. start-up)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
         cache.output=/data/cache cache.num_workers=4
 
 Composed by Hydra from the same conf/ as training, so encoder and data settings cannot drift.
-Re-running skips complete shards; the exit status is non-zero when cache.max_failure_rate is exceeded.
+Re-running skips complete shards and retries incomplete ones (unreadable, a `pipe:` that exited non-zero
+or stalled longer than cache.read_timeout_s); the exit status is non-zero when cache.max_failure_rate is
+exceeded.
 
 With `launcher=slurm` it submits a SLURM array instead (ldmscale/launch/cache_array.py): one task per
 `launcher.shards_per_task` input shards, at most `launcher.array_parallelism` at once, plus a job that

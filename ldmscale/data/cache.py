@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,6 @@ import numpy as np
 import torch
 
 from ldmscale.data.cache_format import (
-    INDEX_SUFFIX,
     MANIFEST,
     RESULTS_DIR,
     CachedRecord,
@@ -43,6 +43,10 @@ from ldmscale.data.transforms import Bucket, nearest_bucket, resize_crop, resolv
 
 class CacheJobError(RuntimeError):
     """The cache job cannot finish correctly (too many failures, inconsistent spec, ...)."""
+
+
+# Skip reasons that make a whole shard incomplete (retried on re-run) rather than dropping samples.
+SHARD_FAILURES = ("unreadable_shard", "stream_failed")
 
 
 # ---------------------------------------------------------------------------- encoders & fingerprints
@@ -178,6 +182,7 @@ class CacheSpec:
     seed: int
     fingerprint: dict[str, Any]
     conditioning: Any = None  # the kind (ldmscale.conditioning): what is derived per sample besides latents
+    read_timeout_s: float = 0.0  # a stream silent this long is killed (not in the fingerprint: no effect on output)
 
     @classmethod
     def build(cls, data_cfg: Any, cond_cfg: Any, ae_cfg: Any, cache_cfg: Any, encoders: Encoders,
@@ -217,7 +222,7 @@ class CacheSpec:
         return cls(buckets, rules,
                    data_cfg.random_crop, data_cfg.random_flip, cache_cfg.batch_size,
                    cache_cfg.latent_dtype, cache_cfg.text_dtype, cond_cfg.context_length, seed, fingerprint,
-                   conditioning)
+                   conditioning, cache_cfg.read_timeout_s)
 
 
 def _jsonable(value: Any) -> Any:
@@ -250,35 +255,73 @@ def result_path(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / RESULTS_DIR / f"{name}.json"
 
 
+# A result file names its spec by hash; the spec itself (encoders, buckets, ...: most of a result's bytes)
+# is stored once in _results/_specs/, so assembling 200k results parses 200k small files, not 200k specs.
+SPECS_DIR = "_specs"
+
+
+def _spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def write_result(output_dir: str | Path, result: ShardResult, durable: bool = True) -> None:
+    """_results/{name}.json (atomically), with its spec stored once under _results/_specs/.
+    `durable=False` skips the fsync (benchmarks fabricating 200k results)."""
+    data = result.to_json()
+    spec = data.pop("spec")
+    if spec:
+        data["spec_sha256"] = digest = _spec_hash(spec)
+        spec_file = Path(output_dir) / RESULTS_DIR / SPECS_DIR / f"{digest}.json"
+        if not spec_file.is_file():
+            spec_file.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(spec_file, lambda f: f.write(json.dumps(spec, indent=1)), "w", durable)
+    _atomic_write(result_path(output_dir, result.name), lambda f: f.write(json.dumps(data, indent=1)), "w", durable)
+
+
+def _parse_result(output_dir: str | Path, text: str, specs: dict[str, dict[str, Any]]) -> ShardResult:
+    data = json.loads(text)
+    digest = data.pop("spec_sha256", None)
+    if digest is not None:
+        if digest not in specs:
+            specs[digest] = json.loads((Path(output_dir) / RESULTS_DIR / SPECS_DIR / f"{digest}.json").read_text())
+        data["spec"] = specs[digest]
+    return ShardResult.from_json(data)
+
+
 def load_result(output_dir: str | Path, name: str) -> Optional[ShardResult]:
-    path = result_path(output_dir, name)
-    if not path.is_file():
-        return None
-    return ShardResult.from_json(json.loads(path.read_text()))
+    results, _ = load_results(output_dir, [name])
+    return results[0] if results else None
 
 
 def is_complete(output_dir: str | Path, name: str) -> bool:
-    result = load_result(output_dir, name)
-    out = Path(output_dir)
-    return bool(result and result.complete and (out / name).is_file() and (out / f"{name}{INDEX_SUFFIX}").is_file())
+    return not incomplete_shards(output_dir, [name])
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+def incomplete_shards(output_dir: str | Path, names: Sequence[str],
+                      results: Optional[list[ShardResult]] = None) -> list[str]:
+    """The names among `names` without a complete result and output shard (each result read once)."""
+    missing: list[str] = []
+    if results is None:
+        results, missing = load_results(output_dir, names)
+    return missing + [r.name for r in results if not (r.complete and os.path.isfile(os.path.join(output_dir, r.name)))]
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, mode) as f:
         write(f)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def _remove_stale_tmp(output_dir: Path, name: str) -> None:
-    for pattern in (f".{name}.tmp-*", f".{name}{INDEX_SUFFIX}.tmp-*"):
-        for stale in glob.glob(str(output_dir / pattern)):
-            try:
-                os.unlink(stale)
-            except FileNotFoundError:
-                pass
+    for stale in glob.glob(str(output_dir / f".{name}.tmp-*")):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
 
 
 def cache_shard(input_url: str, output_dir: str | Path, encoders: Encoders, spec: CacheSpec,
@@ -297,7 +340,7 @@ def cache_shard(input_url: str, output_dir: str | Path, encoders: Encoders, spec
             f"{output_dir / name} was cached with a different spec (encoders/buckets/dtypes); "
             f"cache into a new folder or delete {output_dir} first"
         )
-    if previous is not None and is_complete(output_dir, name):
+    if previous is not None and previous.complete and (output_dir / name).is_file():
         return previous
     (output_dir / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(output_dir, name)
@@ -338,7 +381,8 @@ def cache_shard(input_url: str, output_dir: str | Path, encoders: Encoders, spec
             if progress is not None:
                 progress(len(items))
 
-        for ordinal, sample in enumerate(iter_decoded([input_url], spec.rules, skips, on_read=count_read)):
+        for ordinal, sample in enumerate(iter_decoded([input_url], spec.rules, skips, on_read=count_read,
+                                                      read_timeout_s=spec.read_timeout_s)):
             bucket = nearest_bucket(sample.image.height, sample.image.width, spec.buckets)
             # Random crops/flips are seeded per sample so a re-run writes byte-identical shards.
             rng = np.random.default_rng([spec.seed, shard_seed, ordinal])
@@ -355,42 +399,64 @@ def cache_shard(input_url: str, output_dir: str | Path, encoders: Encoders, spec
                 flush(bucket)
         for bucket in sorted(pending):
             flush(bucket)
-        index = writer.close()
+        index, index_span = writer.close()
         fileobj.flush()
         os.fsync(fileobj.fileno())
-    unreadable = skips.counts.get("unreadable_shard", 0) > 0
-    written = int(index.shape[0])
-    result = ShardResult(
-        name=name, input_url=input_url, complete=not unreadable, read=0, written=written,
-        skipped=skips.as_dict(), skip_examples=skips.examples, bucket_counts=bucket_counts,
-        latent_stats=stats, spec=spec.fingerprint, seconds=time.perf_counter() - start,
-        bytes=tmp_tar.stat().st_size if not unreadable else 0,
-    )
-    result.read = written + skips.total
-    if unreadable:  # retried on the next run; its failure still counts in this run's manifest
+    # A shard that could not be read to its end (unreadable, failed or stalled stream) is never complete:
+    # its output is dropped, its failure is counted once, and a re-run retries it.
+    failed = next((r for r in SHARD_FAILURES if skips.counts.get(r)), None)
+    if failed is not None:
         tmp_tar.unlink()
+        result = ShardResult(name=name, input_url=input_url, complete=False, read=1, skipped={failed: 1},
+                             skip_examples={failed: skips.examples[failed]}, bucket_counts=[0] * len(spec.buckets),
+                             spec=spec.fingerprint, seconds=time.perf_counter() - start)
     else:
-        _atomic_write(output_dir / f"{name}{INDEX_SUFFIX}", lambda f: np.save(f, index))
+        written = int(index.shape[0])
+        result = ShardResult(
+            name=name, input_url=input_url, complete=True, read=written + skips.total, written=written,
+            skipped=skips.as_dict(), skip_examples=skips.examples, bucket_counts=bucket_counts,
+            latent_stats=stats, spec=spec.fingerprint, seconds=time.perf_counter() - start,
+            bytes=tmp_tar.stat().st_size, index_span=index_span,
+        )
         os.replace(tmp_tar, output_dir / name)
-    _atomic_write(result_path(output_dir, name), lambda f: f.write(json.dumps(result.to_json(), indent=1)), "w")
+    write_result(output_dir, result)
     return result
 
 
 # ---------------------------------------------------------------------------- manifest
+def load_results(output_dir: str | Path, names: Sequence[str]) -> tuple[list[ShardResult], list[str]]:
+    """The stored results of `names` (one read each), and the names that have none yet."""
+    results, missing = [], []
+    specs: dict[str, dict[str, Any]] = {}
+    folder = os.path.join(output_dir, RESULTS_DIR)
+    for name in names:
+        try:
+            with open(os.path.join(folder, f"{name}.json")) as f:
+                text = f.read()
+        except FileNotFoundError:
+            missing.append(name)
+            continue
+        results.append(_parse_result(output_dir, text, specs))
+    return results, missing
+
+
+def write_manifest(output_dir: str | Path, results: list[ShardResult]) -> dict[str, Any]:
+    """manifest.json from shard results, written atomically (compact: at 200k shards it is tens of MB)."""
+    manifest = build_manifest(results)
+    _atomic_write(Path(output_dir) / MANIFEST, lambda f: f.write(json.dumps(manifest, separators=(",", ":"))), "w")
+    return manifest
+
+
 def assemble_manifest(output_dir: str | Path, names: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Merge `_results/*.json` (or only `names`) into manifest.json, written atomically; returns it."""
     output_dir = Path(output_dir)
     if names is None:
-        paths = sorted((output_dir / RESULTS_DIR).glob("*.json"))
-    else:
-        paths = [result_path(output_dir, n) for n in names]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise CacheJobError(f"shards without a result file (not cached yet): {missing[:5]}")
-    results = [ShardResult.from_json(json.loads(p.read_text())) for p in paths]
-    manifest = build_manifest(results)
-    _atomic_write(output_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1)), "w")
-    return manifest
+        names = sorted(p.name[: -len(".json")] for p in (output_dir / RESULTS_DIR).glob("*.json"))
+    results, missing = load_results(output_dir, names)
+    if missing:
+        raise CacheJobError("shards without a result file (not cached yet): "
+                            f"{[str(result_path(output_dir, n)) for n in missing[:5]]}")
+    return write_manifest(output_dir, results)
 
 
 def check_failure_rate(manifest: dict[str, Any], max_failure_rate: float) -> None:
@@ -440,12 +506,13 @@ def run_cache_job(data_cfg: Any, cond_cfg: Any, ae_cfg: Any, cache_cfg: Any, *, 
         raise CacheJobError("cache.output is empty: give the folder for the cached shards")
     urls = expand_urls(cache_cfg.input)
     names = [shard_name(u) for u in urls]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
     if dupes:
         raise CacheJobError(f"input shards share output names {dupes[:5]}: one output shard per input name")
     output_dir = Path(cache_cfg.output)
     output_dir.mkdir(parents=True, exist_ok=True)
-    todo = [u for u, n in zip(urls, names) if not is_complete(output_dir, n)]
+    redo = set(incomplete_shards(output_dir, names))
+    todo = [u for u, n in zip(urls, names) if n in redo]
     done_before = len(urls) - len(todo)
     bar = tqdm(total=None, desc=f"caching {len(todo)}/{len(urls)} shards", unit="img",
                disable=not cache_cfg.progress, dynamic_ncols=True, file=sys.stderr)
@@ -538,5 +605,6 @@ def expected_scale(manifest: dict[str, Any]) -> tuple[float, float]:
 
 __all__ = [
     "CacheJobError", "CacheSpec", "Encoders", "assemble_manifest", "build_encoders", "cache_shard",
-    "check_failure_rate", "is_complete", "latent_layout", "run_cache_job", "weights_hash",
+    "check_failure_rate", "incomplete_shards", "is_complete", "latent_layout", "load_results", "run_cache_job", "weights_hash",
+    "write_manifest",
 ]

@@ -1,6 +1,7 @@
 """The cached record (what one sample stores, in which dtype), its tar encoding, and the manifest schema.
 
-One cached sample is two tar members:
+A cached shard is a plain webdataset tar (written by webdataset's TarWriter; `webdataset.WebDataset`
+reads its samples). One cached sample is two tar members:
   {key}.json  metadata (caption, class, boxes, original size, crop box, bucket, text length) and the
               layout of the tensors in the .bin member;
   {key}.bin   raw little-endian bytes of: KL moments (mean ‖ logvar) or VQ pre-quantisation latent
@@ -8,29 +9,39 @@ One cached sample is two tar members:
               `text_dtype` (never the padding); the pooled text embedding [D]; then, for the concat
               tasks, the derived inputs in `latent_dtype` (ldmscale.data.conditioning: SR `low_res`,
               inpainting `inpaint_mask` and `masked_moments`).
-Each output shard has a sidecar `{name}.idx.npy` (int64 [n, 3]: byte offset, byte length, bucket
-index of every sample) so the loader reads any sample with one seek, and a per-shard result file
-`_results/{name}.json`; manifest.json is assembled from those.
+The shard's last member, `__index__/offsets.npy`, is its index: int64 [n, 5] (bucket index, and the byte
+offset and size of the .bin and .json data of every sample, in file order, as tarfile wrote them), so the
+loader reads any sample with one seek and one read, like wids' indexed access. webdataset
+skips `__*__/` members, so plain readers see only the samples. Each shard's manifest entry carries its
+per-bucket sample counts and the index member's (offset, bytes): the loader plans an epoch from the
+manifest alone and reads a shard's index only when it is about to read that shard.
+A per-shard result file `_results/{name}.json` is written by the job; manifest.json is assembled from those.
+
+Version 2 (this layout) replaced version 1's `{name}.idx.npy` sidecars; the loader refuses version 1
+caches with a message naming their manifest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import math
 import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from webdataset import TarWriter
+from webdataset.tariterators import base_plus_ext
 
 FORMAT_NAME = "ldmscale-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 RESULTS_DIR = "_results"
 MANIFEST = "manifest.json"
-INDEX_SUFFIX = ".idx.npy"
+INDEX_KEY = "__index__/offsets"  # + ".npy"; webdataset skips `__*__/` members when it reads samples
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -91,7 +102,8 @@ def encode_record(record: CachedRecord, latent_dtype: str, text_dtype: str) -> d
 
 def decode_record(key: str, members: dict[str, bytes]) -> CachedRecord:
     """Inverse of `encode_record`."""
-    meta = json.loads(members["json"])
+    meta = json.loads(bytes(members["json"]))
+    key = meta.pop("key", key)  # the record's own key (read by index, without its member names)
     layout = meta.pop("tensors")
     blob = memoryview(members["bin"])
     tensors = {name: tensor_from_bytes(blob[spec["offset"]: spec["offset"] + spec["nbytes"]], spec["dtype"], spec["shape"])
@@ -106,13 +118,34 @@ def safe_key(key: str) -> str:
     return clean if len(clean) <= 90 else hashlib.sha1(clean.encode()).hexdigest()
 
 
+# Columns of a shard's index (int64 [n, 5], one row per sample in file order).
+INDEX_COLUMNS = ("bucket", "bin_offset", "bin_bytes", "json_offset", "json_bytes")
+
+
 class RecordWriter:
-    """Appends records to an open tar and remembers each one's (byte offset, byte length, bucket)."""
+    """Appends records to a shard through webdataset's TarWriter and remembers where tarfile put each
+    member's bytes; `close` appends that index as the shard's last member."""
 
     def __init__(self, fileobj: io.BufferedWriter):
-        self.tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
-        self.index: list[tuple[int, int, int]] = []
+        # Fixed mtime/owner so a re-run writes byte-identical shards.
+        self.tar = TarWriter(fileobj, encoder=False, mtime=0, mode=0o644, user="ldmscale", group="ldmscale")
+        self.index: list[tuple[int, ...]] = []
         self.keys: set[str] = set()
+
+    def _append(self, sample: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """Write one webdataset sample; returns {ext: (data offset, bytes)} of its members."""
+        stream = self.tar.tarstream
+        position = stream.offset
+        self.tar.write(sample)
+        where = {}
+        for info in stream.members:  # the members tarfile just wrote, with the header it wrote for each
+            data = position + len(info.tobuf(stream.format, stream.encoding, stream.errors))
+            where[base_plus_ext(info.name)[1]] = (data, info.size)
+            position = data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        if position != stream.offset:
+            raise RuntimeError(f"tar layout mismatch after {sample['__key__']}: {position} != {stream.offset}")
+        stream.members.clear()  # tarfile keeps every TarInfo otherwise: O(samples) memory
+        return where
 
     def write(self, record: CachedRecord, bucket_index: int, latent_dtype: str, text_dtype: str) -> None:
         key = safe_key(record.key)
@@ -122,40 +155,49 @@ class RecordWriter:
                 suffix += 1
             key = f"{key}_{suffix}"
         self.keys.add(key)
-        start = self.tar.offset
-        for ext, payload in encode_record(record, latent_dtype, text_dtype).items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(payload), 0, 0o644
-            self.tar.addfile(info, io.BytesIO(payload))
-        self.index.append((start, self.tar.offset - start, bucket_index))
+        record = dataclasses.replace(record, meta=dict(record.meta, key=key))
+        where = self._append({"__key__": key, **encode_record(record, latent_dtype, text_dtype)})
+        self.index.append((bucket_index, *where["bin"], *where["json"]))
 
-    def close(self) -> np.ndarray:
+    def close(self) -> tuple[np.ndarray, list[int]]:
+        """(index [n, 5], [offset, bytes] of the index member's data)."""
+        index = np.asarray(self.index, dtype=np.int64).reshape(-1, len(INDEX_COLUMNS))
+        buffer = io.BytesIO()
+        np.save(buffer, index)
+        where = self._append({"__key__": INDEX_KEY, "npy": buffer.getvalue()})
         self.tar.close()
-        return np.asarray(self.index, dtype=np.int64).reshape(-1, 3)
+        return index, list(where["npy"])
 
 
-def parse_tar_span(span: bytes) -> tuple[str, dict[str, bytes]]:
-    """Parse the members of one sample read from (offset, length) of the index: (key, {ext: bytes})."""
-    members: dict[str, bytes] = {}
-    key = ""
-    pos = 0
-    view = memoryview(span)
-    while pos + 512 <= len(span):
-        header = span[pos: pos + 512]
-        if header.count(0) == 512:
-            break
-        name = header[0:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
-        if prefix:
-            name = f"{prefix}/{name}"
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        stem, _, ext = name.rpartition("/")[2].partition(".")
-        key = key or stem
-        members[ext] = bytes(view[pos + 512: pos + 512 + size])
-        pos += 512 + (size + 511) // 512 * 512
-    if not members:
-        raise ValueError("no tar members in the span (index and shard disagree)")
-    return key, members
+def read_index(f: io.BufferedReader, span: tuple[int, int] | list[int], where: str) -> np.ndarray:
+    """A shard's index (int64 [n, 5], INDEX_COLUMNS) from its manifest entry's (offset, bytes)."""
+    f.seek(int(span[0]))
+    try:
+        index = np.load(io.BytesIO(f.read(int(span[1]))))
+    except ValueError as exc:
+        raise ValueError(f"{where}: no index at byte {span[0]} ({exc}); the shard was rewritten after its "
+                         "manifest: re-run the cache job") from None
+    if index.ndim != 2 or index.shape[1] != len(INDEX_COLUMNS):
+        raise ValueError(f"{where}: index of shape {index.shape}, expected [n, {len(INDEX_COLUMNS)}]")
+    return index
+
+
+def read_record(f: io.BufferedReader, row: np.ndarray, where: str) -> CachedRecord:
+    """One cached record from its index row: one read covering both members' bytes."""
+    _, bin_offset, bin_bytes, json_offset, json_bytes = (int(v) for v in row)
+    start, end = min(bin_offset, json_offset), max(bin_offset + bin_bytes, json_offset + json_bytes)
+    f.seek(start)
+    span = memoryview(f.read(end - start))
+    if len(span) != end - start:
+        raise ValueError(f"{where} is shorter than its index says (bytes {start}..{end})")
+    members = {"bin": span[bin_offset - start: bin_offset - start + bin_bytes],
+               "json": span[json_offset - start: json_offset - start + json_bytes]}
+    return decode_record("", members)  # type: ignore[arg-type]
+
+
+def decode_sample(sample: dict[str, Any]) -> CachedRecord:
+    """A webdataset sample of a cached shard ({"__key__", "json", "bin"}, e.g. from webdataset.WebDataset)."""
+    return decode_record(sample["__key__"], sample)
 
 
 # ---------------------------------------------------------------------------- latent statistics
@@ -219,6 +261,7 @@ class ShardResult:
     spec: dict[str, Any] = field(default_factory=dict)  # encoders, buckets, dtypes (must agree across shards)
     seconds: float = 0.0
     bytes: int = 0
+    index_span: list[int] = field(default_factory=list)  # [offset, bytes] of the shard's index member
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,6 +271,10 @@ class ShardResult:
         data = dict(data)
         data["latent_stats"] = LatentStats(**data.get("latent_stats", {}))
         return cls(**data)
+
+
+# A shard's manifest entry: its result without the spec (once at the top) and its latent sums (merged).
+_MANIFEST_SHARD_KEYS = tuple(f.name for f in fields(ShardResult) if f.name not in ("spec", "latent_stats"))
 
 
 def build_manifest(results: list[ShardResult]) -> dict[str, Any]:
@@ -258,9 +305,7 @@ def build_manifest(results: list[ShardResult]) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "shards": [
-            {k: v for k, v in r.to_json().items() if k not in ("spec", "latent_stats")} for r in results
-        ],
+        "shards": [{k: getattr(r, k) for k in _MANIFEST_SHARD_KEYS} for r in results],
         "totals": {"read": sum(r.read for r in results), "written": sum(r.written for r in results),
                    "skipped": dict(sorted(skipped.items())), "bucket_counts": bucket_counts,
                    "bytes": sum(r.bytes for r in results)},

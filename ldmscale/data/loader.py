@@ -1,16 +1,22 @@
 """Training batches from the latent cache (or, online, straight from raw shards through the encoders).
 
-Design of the cached loader (why it resumes exactly and never hangs DDP):
-- The manifest of each cache folder lists its complete shards; every shard has an index sidecar of
-  (byte offset, byte length, bucket) per sample. Together they form a global sample table, built
-  once per process (24 bytes per sample), so any sample is one seek + one read away.
-- An epoch's plan is a pure function of (seed, epoch, table, micro_batch_size, world_size):
-  sources are resampled to their weights, samples are shuffled within each bucket and cut into
-  one-bucket batches (a bucket's remainder < micro_batch_size is dropped, a different one each
-  epoch), the batches are shuffled, and the list is cut to a multiple of world_size; rank r takes
-  batches r, r+W, r+2W, ... So ranks are disjoint and get the same number of batches.
-- Dataloader worker k of n builds the rank's batches k, k+n, ...; torch's loader returns them
-  round-robin, i.e. in plan order, so the sequence does not depend on the number of workers.
+Design of the cached loader (memory and start-up grow with shards, not samples; exact resume; no DDP hang):
+- Start-up reads the manifest of each cache folder only: its complete shards and their per-bucket
+  sample counts (a `ShardTable`, O(shards)). No shard or index file is opened until a batch needs it.
+- A sample is named by (shard, bucket, k): the k-th sample of that bucket in that shard. Its byte
+  offset comes from the shard's index member, read lazily by the worker about to read the shard.
+- An epoch's plan is a pure function of (seed, epoch, shard counts, micro_batch_size, world_size,
+  window): each source's shards are permuted (and repeated or cut to its mixture weight, in whole
+  shards), the sources are interleaved in proportion, and the sequence is cut into windows of
+  `data.shuffle_window` shards. Within a window, each bucket's samples are permuted and cut into
+  one-bucket batches (a remainder < micro_batch_size per bucket and window is dropped), and the
+  window's batches are permuted. Batches per window follow from the counts alone, so the epoch length
+  is known at start-up. The windows' batches in order are the global sequence, cut to a multiple of
+  world_size; rank r takes global batches r, r+W, r+2W, ... So ranks are disjoint and get the same
+  number of batches.
+- Dataloader worker k of n builds the rank's batches k, k+n, ... (computing only the windows they
+  fall in); torch's loader returns them round-robin, i.e. in plan order, so the sequence does not
+  depend on the number of workers.
 - The latent sample of a batch is drawn from its moments with a generator seeded by
   (seed, epoch, global batch position), so it too is independent of workers and of resumption.
 - state_dict() is (epoch, batches consumed); a resumed loader rebuilds the plan and starts at the
@@ -25,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -34,11 +40,11 @@ from ldmscale.conditioning import kind_for, kind_named
 from ldmscale.data.cache import autoencoder_config_fingerprint, latent_layout, weights_mismatch
 from ldmscale.data.cache_format import (
     FORMAT_NAME,
-    INDEX_SUFFIX,
+    FORMAT_VERSION,
     MANIFEST,
     CachedRecord,
-    decode_record,
-    parse_tar_span,
+    read_index,
+    read_record,
 )
 from ldmscale.data.shards import expand_urls
 from ldmscale.data.transforms import resolve_buckets
@@ -48,22 +54,30 @@ class CacheMismatchError(ValueError):
     """The cache was made with other encoders/buckets/latent shape than the training config expects."""
 
 
-# ---------------------------------------------------------------------------- the sample table
+# ---------------------------------------------------------------------------- the shard table
 @dataclass
-class SampleTable:
-    """Every cached sample of the training set: where it lives and its bucket and source."""
+class ShardTable:
+    """Every cached shard of the training set, from the manifests alone: O(shards), never O(samples)."""
 
-    shard_paths: list[str]
-    shard: np.ndarray  # int32 [N] index into shard_paths
-    offset: np.ndarray  # int64 [N] byte offset of the sample's first tar header
-    length: np.ndarray  # int64 [N] byte length of its members
-    bucket: np.ndarray  # int32 [N] index into `buckets`
-    source: np.ndarray  # int32 [N] index of its data.train_shards entry
+    paths: list[str]
+    counts: np.ndarray  # int64 [S, num_buckets] samples per bucket
+    index_span: np.ndarray  # int64 [S, 2] offset and bytes of each shard's index member
+    source: np.ndarray  # int32 [S] index of its data.train_shards entry
     buckets: list[tuple[int, int]]
-    manifests: list[dict[str, Any]]
+    manifests: list[dict[str, Any]]  # without their per-shard lists
+
+    def __post_init__(self) -> None:
+        totals = self.counts.sum(axis=1)
+        self.first_id = np.concatenate([[0], np.cumsum(totals)[:-1]]).astype(np.int64)  # global sample ids
+        self.bucket_start = np.cumsum(self.counts, axis=1) - self.counts  # [S, nb] bucket-major ordinal
 
     def __len__(self) -> int:
-        return int(self.shard.shape[0])
+        return int(self.counts.sum())
+
+    def locate(self, sample_id: int) -> tuple[int, int]:
+        """Global sample id → (shard, bucket-major ordinal within the shard)."""
+        shard = int(np.searchsorted(self.first_id, sample_id, side="right")) - 1
+        return shard, int(sample_id - self.first_id[shard])
 
 
 def _find_manifest(entry: str) -> Path:
@@ -84,26 +98,60 @@ def _find_manifest(entry: str) -> Path:
     return manifest
 
 
-def build_table(train_shards: Sequence[str]) -> SampleTable:
-    """The sample table of `data.train_shards` (cache folders, or URL patterns of cached shards)."""
+class ShardEntry(NamedTuple):
+    """What the loader keeps of a manifest's shard entry."""
+
+    name: str
+    complete: bool
+    written: int
+    bucket_counts: list[int]
+    index_span: list[int]
+
+
+def _compact(entry: dict[str, Any]) -> Any:
+    # json calls this for every object, innermost first: each shard entry shrinks to a ShardEntry as soon as
+    # it is parsed (200k entries with their skip reports would otherwise hold ~1 KB each at once).
+    if "bucket_counts" in entry and "complete" in entry and "name" in entry:
+        return ShardEntry(entry["name"], entry["complete"], entry["written"], entry["bucket_counts"],
+                          entry.get("index_span", []))
+    return entry
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A cache manifest ("shards" as ShardEntry tuples), refused with its path when not this format version."""
+    manifest = json.loads(path.read_text(), object_hook=_compact)
+    if manifest.get("format") != FORMAT_NAME:
+        raise CacheMismatchError(f"{path} is not an {FORMAT_NAME} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CacheMismatchError(
+            f"{path} is cache format version {manifest.get('version')}, this ldmscale reads version {FORMAT_VERSION} "
+            "(per-bucket counts in the manifest, each shard's index inside the shard): re-run "
+            "tools/cache_latents.py into a new folder")
+    return manifest
+
+
+def build_table(train_shards: Sequence[str]) -> ShardTable:
+    """The shard table of `data.train_shards` (cache folders, or URL patterns of cached shards)."""
     if not train_shards:
         raise ValueError("data.train_shards is empty: give the cache folder(s) written by tools/cache_latents.py")
     paths: list[str] = []
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("shard", "offset", "length", "bucket", "source")}
+    counts: list[list[int]] = []
+    spans: list[list[int]] = []
+    sources: list[int] = []
     manifests: list[dict[str, Any]] = []
     buckets: Optional[list[tuple[int, int]]] = None
     for source, entry in enumerate(train_shards):
         manifest_path = _find_manifest(entry)
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT_NAME:
-            raise CacheMismatchError(f"{manifest_path} is not an {FORMAT_NAME} manifest")
+        manifest = read_manifest(manifest_path)
+        shards = manifest.pop("shards")
         manifests.append(manifest)
         src_buckets = [tuple(b) for b in manifest["buckets"]]
         if buckets is None:
             buckets = src_buckets  # type: ignore[assignment]
         elif src_buckets != buckets:
             raise CacheMismatchError(f"{manifest_path} has buckets {src_buckets}, another source {buckets}")
-        complete = {s["name"]: s for s in manifest["shards"] if s["complete"]}
+        complete = {s.name: s for s in shards if s.complete}
+        del shards
         folder = manifest_path.parent
         if os.path.isdir(entry):
             names = sorted(complete)
@@ -113,23 +161,20 @@ def build_table(train_shards: Sequence[str]) -> SampleTable:
             if missing:
                 raise FileNotFoundError(f"shards {missing[:5]} of {entry!r} are not complete in {manifest_path}")
         for name in names:
-            if complete[name]["written"] == 0:
+            shard = complete[name]
+            if shard.written == 0:
                 continue
-            index = np.load(folder / f"{name}{INDEX_SUFFIX}")
-            if index.shape[0] != complete[name]["written"]:
-                raise CacheMismatchError(
-                    f"{folder / name}: index has {index.shape[0]} samples, manifest says {complete[name]['written']}")
-            parts["shard"].append(np.full(index.shape[0], len(paths), np.int32))
-            parts["offset"].append(index[:, 0])
-            parts["length"].append(index[:, 1])
-            parts["bucket"].append(index[:, 2].astype(np.int32))
-            parts["source"].append(np.full(index.shape[0], source, np.int32))
+            if sum(shard.bucket_counts) != shard.written or len(shard.index_span) != 2:
+                raise CacheMismatchError(f"{manifest_path}: shard {name} has bucket counts {shard.bucket_counts} "
+                                         f"for {shard.written} samples or no index span")
             paths.append(str(folder / name))
+            counts.append(shard.bucket_counts)
+            spans.append(shard.index_span)
+            sources.append(source)
     if not paths:
         raise ValueError(f"no cached samples in data.train_shards={list(train_shards)}")
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    return SampleTable(paths, arrays["shard"], arrays["offset"], arrays["length"], arrays["bucket"],
-                       arrays["source"], list(buckets or []), manifests)
+    return ShardTable(paths, np.asarray(counts, np.int64), np.asarray(spans, np.int64), np.asarray(sources, np.int32),
+                      list(buckets or []), manifests)
 
 
 # ---------------------------------------------------------------------------- safety checks
@@ -159,36 +204,118 @@ def check_manifest(manifest: dict[str, Any], data_cfg: Any, cond_cfg: Any, ae_cf
 
 
 # ---------------------------------------------------------------------------- the epoch plan
-def epoch_plan(table_bucket: np.ndarray, table_source: np.ndarray, weights: Sequence[float], *, seed: int,
-               epoch: int, micro_batch_size: int, world_size: int) -> np.ndarray:
-    """All batches of an epoch [T, B] of sample ids, T a multiple of world_size (rank r: rows r::W)."""
-    num_sources = int(table_source.max()) + 1 if table_source.size else 0
-    ids = np.arange(table_bucket.shape[0], dtype=np.int64)
-    if weights:
-        w = np.asarray(weights, dtype=np.float64)
-        total = ids.shape[0]
-        picks = []
-        for s in range(num_sources):
-            own = ids[table_source == s]
-            target = int(round(w[s] / w.sum() * total))
-            rng = np.random.default_rng([seed, epoch, 1, s])
-            reps = -(-target // max(1, own.shape[0]))
-            picks.append(np.concatenate([rng.permutation(own) for _ in range(reps)])[:target] if own.size else own)
-        pool = np.concatenate(picks)
-    else:
-        pool = ids
-    batches = []
-    pool_bucket = table_bucket[pool]
-    for b in np.unique(pool_bucket):
-        members = np.random.default_rng([seed, epoch, 2, int(b)]).permutation(pool[pool_bucket == b])
-        full = members.shape[0] // micro_batch_size * micro_batch_size
-        if full:
-            batches.append(members[:full].reshape(-1, micro_batch_size))
-    if not batches:
-        return np.zeros((0, micro_batch_size), np.int64)
-    plan = np.concatenate(batches)
-    plan = plan[np.random.default_rng([seed, epoch, 3]).permutation(plan.shape[0])]
-    return plan[: plan.shape[0] // world_size * world_size]
+def epoch_shards(totals: np.ndarray, source: np.ndarray, weights: Sequence[float], *, seed: int,
+                 epoch: int) -> np.ndarray:
+    """The epoch's shard sequence (shard indices; a shard repeats when its source is upsampled).
+
+    Each source's shards are permuted; with weights, a source is repeated (new permutation each pass)
+    or cut to its share of all samples, to the nearest whole shard. Sources are interleaved by each
+    shard's midpoint as a fraction of its source's epoch, so every stretch of the epoch mixes them in
+    proportion.
+    """
+    num_sources = int(source.max()) + 1 if source.size else 0
+    total = int(totals.sum())
+    w = np.asarray(weights, dtype=np.float64) if weights else None
+    picks, keys, owners = [], [], []
+    for s in range(num_sources):
+        own = np.flatnonzero((source == s) & (totals > 0))
+        if own.size == 0:
+            continue
+        target = total * w[s] / w.sum() if w is not None else float(totals[own].sum())
+        chosen, have, rep = [], 0, 0
+        while have < target:
+            order = np.random.default_rng([seed, epoch, 1, s, rep]).permutation(own)
+            cum = have + np.cumsum(totals[order])
+            # Stop at the shard whose end is nearest the target (whole shards only).
+            stop = int(np.searchsorted(cum, target))
+            if stop < order.size and cum[stop] - target > target - (cum[stop - 1] if stop else have):
+                stop -= 1
+            take = order[: stop + 1] if stop < order.size else order
+            chosen.append(take)
+            have = int(cum[len(take) - 1]) if len(take) else have
+            rep += 1
+            if len(take) < order.size:
+                break
+        seq = np.concatenate(chosen) if chosen else own[:0]
+        n = totals[seq]
+        picks.append(seq)
+        keys.append((np.cumsum(n) - n / 2) / max(have, 1))
+        owners.append(np.full(seq.size, s))
+    if not picks:
+        return np.zeros(0, np.int64)
+    seq, key, owner = np.concatenate(picks), np.concatenate(keys), np.concatenate(owners)
+    return seq[np.lexsort((owner, key))].astype(np.int64)
+
+
+@dataclass
+class EpochPlan:
+    """One epoch's shard sequence cut into windows, and how many batches each window gives (O(shards))."""
+
+    seed: int
+    epoch: int
+    micro_batch_size: int
+    world_size: int
+    window: int
+    shards: np.ndarray  # int64 [C] shard index of each position in the sequence
+    window_bucket_batches: np.ndarray  # int64 [num_windows, num_buckets] full batches per bucket
+    window_start: np.ndarray  # int64 [num_windows + 1] first global batch of each window
+    num_batches: int  # global batches used (a multiple of world_size)
+
+    def batches_per_rank(self) -> int:
+        return self.num_batches // self.world_size
+
+
+def epoch_plan(counts: np.ndarray, source: np.ndarray, weights: Sequence[float], *, seed: int, epoch: int,
+               micro_batch_size: int, world_size: int, window: int) -> EpochPlan:
+    """The epoch's plan from per-shard per-bucket counts [S, num_buckets] (see the module docstring)."""
+    shards = epoch_shards(counts.sum(axis=1), source, weights, seed=seed, epoch=epoch)
+    starts = np.arange(0, shards.size, window)
+    per_window = np.add.reduceat(counts[shards], starts, axis=0) if shards.size else counts[:0]
+    bucket_batches = per_window // micro_batch_size
+    window_start = np.concatenate([[0], np.cumsum(bucket_batches.sum(axis=1))]).astype(np.int64)
+    usable = int(window_start[-1]) // world_size * world_size
+    return EpochPlan(seed, epoch, micro_batch_size, world_size, window, shards, bucket_batches, window_start, usable)
+
+
+@dataclass
+class WindowBatches:
+    """The batches of one window: for each, its bucket and its samples as (shard, bucket-major ordinal)."""
+
+    bucket: np.ndarray  # int64 [B]
+    shard: np.ndarray  # int64 [B, micro_batch_size]
+    ordinal: np.ndarray  # int64 [B, micro_batch_size]
+
+
+def window_batches(plan: EpochPlan, table: ShardTable, w: int) -> WindowBatches:
+    """Window w's batches in order: each bucket's samples permuted and cut, then the batches permuted."""
+    mbs = plan.micro_batch_size
+    members = plan.shards[w * plan.window: (w + 1) * plan.window]
+    buckets, shards, ordinals = [], [], []
+    for b in np.flatnonzero(plan.window_bucket_batches[w]):
+        n = table.counts[members, b]
+        total = int(n.sum())
+        shard = np.repeat(members, n)
+        # k-th sample of bucket b in its shard → bucket-major ordinal within the shard
+        k = np.arange(total) - np.repeat(np.cumsum(n) - n, n)
+        ordinal = table.bucket_start[shard, b] + k
+        order = np.random.default_rng([plan.seed, plan.epoch, 2, w, int(b)]).permutation(total)
+        full = int(plan.window_bucket_batches[w, b]) * mbs
+        shards.append(shard[order[:full]].reshape(-1, mbs))
+        ordinals.append(ordinal[order[:full]].reshape(-1, mbs))
+        buckets.append(np.full(full // mbs, b))
+    if not buckets:
+        return WindowBatches(np.zeros(0, np.int64), np.zeros((0, mbs), np.int64), np.zeros((0, mbs), np.int64))
+    order = np.random.default_rng([plan.seed, plan.epoch, 3, w]).permutation(sum(len(x) for x in buckets))
+    return WindowBatches(np.concatenate(buckets)[order], np.concatenate(shards)[order], np.concatenate(ordinals)[order])
+
+
+def plan_batches(plan: EpochPlan, table: ShardTable) -> np.ndarray:
+    """Every used batch of the epoch as global sample ids [num_batches, B] (for tests and small data)."""
+    if plan.num_batches == 0:
+        return np.zeros((0, plan.micro_batch_size), np.int64)
+    rows = [table.first_id[wb.shard] + wb.ordinal
+            for wb in (window_batches(plan, table, w) for w in range(len(plan.window_start) - 1))]
+    return np.concatenate(rows)[: plan.num_batches]
 
 
 def batch_seed(seed: int, epoch: int, position: int) -> int:
@@ -227,26 +354,40 @@ def collate_records(records: Sequence[CachedRecord], *, kind: str, cond_kind: st
 
 
 class _ShardReader:
-    """Reads samples by (shard, offset, length) with a small LRU of open files (one per worker)."""
+    """Reads samples by (shard, bucket-major ordinal): a shard's index member is read when the shard is
+    first needed, and kept with the shard's open file in a small LRU (one reader per worker)."""
 
-    def __init__(self, paths: list[str], max_open: int = 64):
-        self.paths, self.max_open = paths, max_open
-        self.files: OrderedDict[int, Any] = OrderedDict()
+    def __init__(self, table: ShardTable, max_open: int = 64):
+        self.table, self.max_open = table, max_open
+        self.open: OrderedDict[int, tuple[Any, np.ndarray]] = OrderedDict()
 
-    def read(self, shard: int, offset: int, length: int) -> CachedRecord:
-        f = self.files.get(shard)
-        if f is None:
-            f = self.files[shard] = open(self.paths[shard], "rb")
-            if len(self.files) > self.max_open:
-                self.files.popitem(last=False)[1].close()
-        else:
-            self.files.move_to_end(shard)
-        f.seek(offset)
-        span = f.read(length)
-        if len(span) != length:
-            raise OSError(f"{self.paths[shard]} is shorter than its index says (offset {offset}, length {length})")
-        key, members = parse_tar_span(span)
-        return decode_record(key, members)
+    def _shard(self, shard: int) -> tuple[Any, np.ndarray]:
+        entry = self.open.get(shard)
+        if entry is not None:
+            self.open.move_to_end(shard)
+            return entry
+        path = self.table.paths[shard]
+        f = open(path, "rb")
+        index = read_index(f, self.table.index_span[shard], path)
+        found = np.bincount(index[:, 0], minlength=self.table.counts.shape[1])
+        if not np.array_equal(found, self.table.counts[shard]):
+            f.close()
+            raise CacheMismatchError(f"{path}: its index has {found.tolist()} samples per bucket, the manifest says "
+                                     f"{self.table.counts[shard].tolist()} (re-run the cache job)")
+        # bucket-major order: row i is the sample with bucket-major ordinal i
+        entry = self.open[shard] = (f, index[np.argsort(index[:, 0], kind="stable")])
+        if len(self.open) > self.max_open:
+            self.open.popitem(last=False)[1][0].close()
+        return entry
+
+    def read(self, shard: int, ordinal: int) -> CachedRecord:
+        f, rows = self._shard(shard)
+        return read_record(f, rows[ordinal], self.table.paths[shard])
+
+    def close(self) -> None:
+        for f, _ in self.open.values():
+            f.close()
+        self.open.clear()
 
 
 @dataclass(frozen=True)
@@ -260,31 +401,39 @@ class _Settings:
     conditioning: Any  # the conditioning kind (ldmscale.conditioning): collates its batch entries
     scale_factor: float
     shift_factor: float
+    window: int = 64
 
 
 class _EpochBatches(torch.utils.data.IterableDataset):
     """The rank's batches of one epoch from `start` on; worker k of n builds batches start+k, start+k+n, ..."""
 
-    def __init__(self, table: SampleTable, settings: _Settings, epoch: int, start: int):
+    def __init__(self, table: ShardTable, plan: EpochPlan, settings: _Settings, start: int):
         super().__init__()
-        self.table, self.s, self.epoch, self.start = table, settings, epoch, start
+        self.table, self.plan, self.s, self.start = table, plan, settings, start
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        s, t = self.s, self.table
-        plan = epoch_plan(t.bucket, t.source, s.weights, seed=s.seed, epoch=self.epoch,
-                          micro_batch_size=s.micro_batch_size, world_size=s.world_size)
-        reader = _ShardReader(t.shard_paths)
-        rank_positions = range(s.rank, plan.shape[0], s.world_size)
-        for local in range(self.start + worker, len(rank_positions), num_workers):
-            position = rank_positions[local]
-            records = [reader.read(int(t.shard[i]), int(t.offset[i]), int(t.length[i])) for i in plan[position]]
-            generator = torch.Generator().manual_seed(batch_seed(s.seed, self.epoch, position))
-            batch = collate_records(records, kind=s.kind, conditioning=s.conditioning, scale_factor=s.scale_factor,
-                                    shift_factor=s.shift_factor, generator=generator)
-            batch["sample_ids"] = torch.from_numpy(plan[position].copy())
-            yield batch
+        s, t, plan = self.s, self.table, self.plan
+        reader = _ShardReader(t, max_open=max(64, 2 * plan.window))
+        current: tuple[int, Optional[WindowBatches]] = (-1, None)
+        try:
+            for local in range(self.start + worker, plan.batches_per_rank(), num_workers):
+                position = s.rank + local * s.world_size
+                w = int(np.searchsorted(plan.window_start, position, side="right")) - 1
+                if current[0] != w:  # only the windows this worker's batches fall in are computed
+                    current = (w, window_batches(plan, t, w))
+                batches = current[1]
+                row = position - int(plan.window_start[w])
+                shards, ordinals = batches.shard[row], batches.ordinal[row]  # type: ignore[union-attr]
+                records = [reader.read(int(j), int(k)) for j, k in zip(shards, ordinals)]
+                generator = torch.Generator().manual_seed(batch_seed(s.seed, plan.epoch, position))
+                batch = collate_records(records, kind=s.kind, conditioning=s.conditioning,
+                                        scale_factor=s.scale_factor, shift_factor=s.shift_factor, generator=generator)
+                batch["sample_ids"] = torch.from_numpy(t.first_id[shards] + ordinals)
+                yield batch
+        finally:
+            reader.close()
 
 
 class Loader:
@@ -294,21 +443,27 @@ class Loader:
     to the next one, so `for batch in loader` twice runs two epochs.
     """
 
-    def __init__(self, table: SampleTable, settings: _Settings, num_workers: int = 0, prefetch_factor: int = 2):
+    def __init__(self, table: ShardTable, settings: _Settings, num_workers: int = 0, prefetch_factor: int = 2):
         self.table, self.settings = table, settings
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.epoch, self.position = 0, 0
-        self._len_cache: dict[int, int] = {}
+        self._plan: Optional[EpochPlan] = None
+
+    def plan(self, epoch: Optional[int] = None) -> EpochPlan:
+        """The epoch's plan (the current one is kept: O(shards))."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._plan is not None and self._plan.epoch == epoch:
+            return self._plan
+        s, t = self.settings, self.table
+        plan = epoch_plan(t.counts, t.source, s.weights, seed=s.seed, epoch=epoch, micro_batch_size=s.micro_batch_size,
+                          world_size=s.world_size, window=s.window)
+        if epoch == self.epoch:
+            self._plan = plan
+        return plan
 
     def batches_in_epoch(self, epoch: Optional[int] = None) -> int:
         """Batches this rank gets in `epoch` (the same on every rank)."""
-        epoch = self.epoch if epoch is None else epoch
-        if epoch not in self._len_cache:
-            s, t = self.settings, self.table
-            plan = epoch_plan(t.bucket, t.source, s.weights, seed=s.seed, epoch=epoch,
-                              micro_batch_size=s.micro_batch_size, world_size=s.world_size)
-            self._len_cache[epoch] = plan.shape[0] // s.world_size
-        return self._len_cache[epoch]
+        return self.plan(epoch).batches_per_rank()
 
     def __len__(self) -> int:
         return self.batches_in_epoch()
@@ -320,20 +475,28 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         s = self.settings
         return {"epoch": self.epoch, "position": self.position, "seed": s.seed, "world_size": s.world_size,
-                "micro_batch_size": s.micro_batch_size, "num_samples": len(self.table)}
+                "micro_batch_size": s.micro_batch_size, "num_samples": len(self.table), "shuffle_window": s.window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         s = self.settings
         for key, now in (("seed", s.seed), ("world_size", s.world_size), ("micro_batch_size", s.micro_batch_size),
-                         ("num_samples", len(self.table))):
-            if state.get(key) != now:
+                         ("num_samples", len(self.table)), ("shuffle_window", s.window)):
+            if state.get(key, now if key == "shuffle_window" else None) != now:
                 raise ValueError(
                     f"loader state has {key}={state.get(key)} but this run has {key}={now}: the batch "
                     "sequence cannot be resumed exactly (call set_epoch to start the next epoch instead)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+    def read_samples(self, sample_ids: Sequence[int]) -> list[CachedRecord]:
+        """The cached records of global sample ids (as in a batch's "sample_ids")."""
+        reader = _ShardReader(self.table)
+        try:
+            return [reader.read(*self.table.locate(int(i))) for i in sample_ids]
+        finally:
+            reader.close()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = _EpochBatches(self.table, self.settings, self.epoch, self.position)
+        dataset = _EpochBatches(self.table, self.plan(), self.settings, self.position)
         if self.num_workers > 0:
             batches: Any = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
@@ -364,8 +527,10 @@ def build_loader(data_cfg: Any, cond_cfg: Any, ae_cfg: Any, *, seed: int, rank: 
     if data_cfg.use_manifest_scale:
         stats = table.manifests[0].get("latent_stats") or {}
         scale, shift = stats["scale_factor"], stats["shift_factor"]
+    if data_cfg.shuffle_window <= 0:
+        raise ValueError(f"data.shuffle_window={data_cfg.shuffle_window} must be a positive number of shards")
     settings = _Settings(seed, rank, world_size, data_cfg.micro_batch_size, tuple(data_cfg.shard_weights),
-                         ae_cfg.kind, kind_for(cond_cfg), float(scale), float(shift))
+                         ae_cfg.kind, kind_for(cond_cfg), float(scale), float(shift), data_cfg.shuffle_window)
     loader = Loader(table, settings, data_cfg.num_workers, data_cfg.prefetch_factor)
     if len(loader) == 0:
         raise ValueError(

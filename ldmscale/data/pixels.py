@@ -1,6 +1,7 @@
 """Raw image shards → pixel batches for stage 1 (autoencoder training), with an exact resume position.
 
-Random access by design: the tar headers are indexed once (member offsets), so an epoch is a seeded
+Random access by design: each sample's byte span is indexed once (ldmscale.data.shards.index_samples,
+webdataset's key rule) and read back through webdataset, so an epoch is a seeded
 permutation of sample indices, each rank takes every world_size-th one, and the position is just
 (epoch, batches consumed). Resume therefore costs nothing and is exact at any world size that divides
 the data. Meant for the modest image sets stage 1 trains on; streaming shards are ldmscale.data.shards.
@@ -8,9 +9,7 @@ the data. Meant for the modest image sets stage 1 trains on; streaming shards ar
 
 from __future__ import annotations
 
-import glob
 import io
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,45 +18,35 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+from ldmscale.data.shards import IMAGE_EXTS, expand_urls, index_samples, samples_from_bytes
 
 
 @dataclass(frozen=True)
 class _Entry:
     shard: int
     key: str
-    offset: int
+    offset: int  # the sample's byte span in its shard (all its members)
     size: int
 
 
-def expand_urls(urls: Sequence[str]) -> list[str]:
-    """Local paths, globs and brace ranges ('shapes-{000000..000003}.tar') → existing files, in order."""
-    from braceexpand import braceexpand
-
-    paths: list[str] = []
-    for url in urls:
-        for item in braceexpand(url):
-            matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
-            for path in matches:
-                if not Path(path).is_file():
-                    raise FileNotFoundError(f"raw shard {path!r} (from {url!r}) does not exist")
-                paths.append(path)
+def raw_shard_paths(urls: Sequence[str]) -> list[str]:
+    """Local raw shards named by URL patterns (ldmscale.data.shards.expand_urls), each checked to exist."""
+    paths = expand_urls(list(urls))
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"raw shard {path!r} (from {list(urls)}) does not exist")
     if not paths:
         raise FileNotFoundError(f"no raw shards match {list(urls)}")
     return paths
 
 
 def index_shards(paths: Sequence[str]) -> list[_Entry]:
-    """One entry per sample that has an image; samples without one are skipped."""
+    """One entry per sample (webdataset's key rule) that has an image; samples without one are skipped."""
     entries: list[_Entry] = []
     for shard, path in enumerate(paths):
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.rpartition(".")
-                if ext.lower() in IMAGE_EXTS:
-                    entries.append(_Entry(shard, key, member.offset_data, member.size))
+        for span in index_samples(path):
+            if any(ext in IMAGE_EXTS for ext in span.exts):
+                entries.append(_Entry(shard, span.key, span.offset, span.size))
     return entries
 
 
@@ -83,7 +72,7 @@ class PixelShardDataset(torch.utils.data.Dataset):
     """Indexed raw shards: `dataset[i]` is sample i's pixels [3, R, R] in [-1, 1]."""
 
     def __init__(self, urls: Sequence[str], resolution: int) -> None:
-        self.paths = expand_urls(urls)
+        self.paths = raw_shard_paths(urls)
         self.entries = index_shards(self.paths)
         if not self.entries:
             raise ValueError(f"no images (.{'/.'.join(IMAGE_EXTS)}) in raw shards {self.paths[:3]}...")
@@ -97,7 +86,8 @@ class PixelShardDataset(torch.utils.data.Dataset):
         path = self.paths[entry.shard]
         with open(path, "rb") as f:
             f.seek(entry.offset)
-            payload = f.read(entry.size)
+            sample = samples_from_bytes(f.read(entry.size), path)[0]
+        payload = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
         return load_pixels(payload, self.resolution, f"{path}:{entry.key}")
 
 

@@ -12,14 +12,19 @@ import json
 import operator
 import os
 import re
+import signal
 import subprocess
 import tarfile
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
-from braceexpand import braceexpand
+from webdataset.gopen import Pipe, gopen
+from webdataset.shardlists import expand_urls as wds_expand_urls
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, tar_file_iterator
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 
@@ -36,6 +41,8 @@ REASONS: dict[str, str] = {
     "filtered": "a metadata predicate in data.filters is false or the key is missing",
     "truncated_tar": "the shard ends inside a member; the incomplete trailing sample is dropped",
     "unreadable_shard": "the URL cannot be opened or is not a tar file (counted once per shard)",
+    "stream_failed": "the stream exited non-zero, stalled past cache.read_timeout_s or failed mid-shard "
+                     "(counted once per shard; the shard stays incomplete and is retried on re-run)",
     "encode_error": "the encoder raised on the sample's batch (counted per sample)",
 }
 
@@ -74,43 +81,33 @@ class SkipCounter:
 
 
 # ---------------------------------------------------------------------------- URLs
-def _split_patterns(urls: str | Sequence[str]) -> list[str]:
-    if isinstance(urls, str):
-        urls = [urls]
-    out = []
-    for entry in urls:
-        # "::" separates several patterns in one string (webdataset's convention); a pipe: command
-        # may contain spaces, so only plain paths are split on whitespace.
-        for part in str(entry).split("::"):
-            part = part.strip()
-            if not part:
-                continue
-            out.extend([part] if part.startswith("pipe:") else part.split())
-    return out
-
-
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Brace-expand URL patterns; a local folder becomes its *.tar files, a glob its matches.
-
-    `pipe:CMD` and `scheme://` URLs are brace-expanded but never touched on disk.
+    """Expand URL patterns with webdataset's rule ("::" separates patterns, then brace expansion); a local
+    folder becomes its *.tar files, a glob its matches. Plain paths may also be separated by whitespace
+    (a `pipe:` command keeps its spaces). `pipe:CMD` and `scheme://` URLs are never touched on disk.
     """
     out: list[str] = []
-    for pattern in _split_patterns(urls):
-        for url in braceexpand(pattern):
+    for entry in [urls] if isinstance(urls, str) else urls:
+        for url in wds_expand_urls(str(entry)):
+            url = url.strip()
+            if not url:
+                continue
             if url.startswith("pipe:") or "://" in url:
                 out.append(url)
-            elif os.path.isdir(url):
-                found = sorted(glob.glob(os.path.join(url, "*.tar")))
-                if not found:
-                    raise FileNotFoundError(f"no *.tar shards in folder {url!r}")
-                out.extend(found)
-            elif any(ch in url for ch in "*?["):
-                found = sorted(glob.glob(url))
-                if not found:
-                    raise FileNotFoundError(f"glob {url!r} matches no files")
-                out.extend(found)
-            else:
-                out.append(url)
+                continue
+            for path in url.split():
+                if os.path.isdir(path):
+                    found = sorted(glob.glob(os.path.join(path, "*.tar")))
+                    if not found:
+                        raise FileNotFoundError(f"no *.tar shards in folder {path!r}")
+                    out.extend(found)
+                elif any(ch in path for ch in "*?["):
+                    found = sorted(glob.glob(path))
+                    if not found:
+                        raise FileNotFoundError(f"glob {path!r} matches no files")
+                    out.extend(found)
+                else:
+                    out.append(path)
     return out
 
 
@@ -151,7 +148,7 @@ def parse_sources(patterns: Sequence[str], weights: Sequence[float] = ()) -> lis
 
 
 def split_by_node(urls: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """Shards of one rank (round-robin), for streaming paths; the cached loader splits samples instead."""
+    """Shards of one rank (round-robin), for streaming paths; the cached loader splits batches instead."""
     return list(urls[rank::world_size])
 
 
@@ -166,91 +163,175 @@ def split_by_worker(urls: Sequence[str], worker: Optional[int] = None,
     return list(urls[worker::num_workers])
 
 
-# ---------------------------------------------------------------------------- reading tars
-def open_url(url: str) -> IO[bytes]:
-    """A readable byte stream: a local file, the stdout of `pipe:CMD`, or fsspec/webdataset gopen."""
-    if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        return _PipeStream(proc, url)
-    if "://" in url and not url.startswith("file://"):
-        from webdataset.gopen import gopen
-
-        return gopen(url, "rb")
-    return open(url.removeprefix("file://"), "rb")
+# ---------------------------------------------------------------------------- reading tars (webdataset)
+# Every tar in ldmscale is read here, through webdataset: its tar iterator, its key rule (the key ends at
+# the basename's first dot: `img.v2.jpg` is key `img`, member `v2.jpg`), its `pipe:` streams (which raise
+# on a non-zero exit) and its handling of `__*__` metadata members.
+class StreamError(OSError):
+    """A stream failed (non-zero exit, stalled past the read timeout, I/O error): its shard is incomplete."""
 
 
-class _PipeStream(io.RawIOBase):
-    """stdout of a shell command; a non-zero exit becomes an OSError at the end of the stream."""
+class _Watchdog:
+    """A stream that is killed when it delivers no byte for `timeout_s` (a stalled `pipe:` would block
+    forever); closing it raises StreamError for a stall and webdataset's IOError for a non-zero exit."""
 
-    def __init__(self, proc: subprocess.Popen, url: str):
-        self.proc, self.url = proc, url
+    def __init__(self, stream: Any, url: str, timeout_s: float):
+        self.stream, self.url, self.timeout_s = stream, url, timeout_s
+        self.last = time.monotonic()
+        self.stalled = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
 
-    def readable(self) -> bool:
-        return True
+    def read(self, *args: Any) -> bytes:
+        data = self.stream.read(*args)
+        self.last = time.monotonic()
+        return data
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        data = self.proc.stdout.read(len(buffer))  # type: ignore[union-attr]
-        if not data:
-            rc = self.proc.wait()
-            if rc != 0:
-                err = self.proc.stderr.read().decode(errors="replace")[-500:]  # type: ignore[union-attr]
-                raise OSError(f"{self.url!r} exited with status {rc}: {err}")
-        buffer[: len(data)] = data
-        return len(data)
+    def _kill(self) -> None:
+        proc = getattr(self.stream, "proc", None)  # webdataset's Pipe
+        if proc is None:
+            self.stream.close()
+        elif proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the command and its children: the blocked read gets EOF
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self.timeout_s / 4)):
+            if time.monotonic() - self.last > self.timeout_s:
+                self.stalled = True
+                self._kill()
+                return
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        super().close()
+        self._done.set()
+        self._thread.join(timeout=5)
+        try:
+            self.stream.close()  # webdataset's Pipe waits (≤ timeout_s) and raises on a non-zero exit
+        except subprocess.TimeoutExpired:
+            self.stalled = True
+            self._kill()
+        except Exception:
+            if not self.stalled:
+                raise
+        if self.stalled:
+            raise StreamError(f"{self.url}: no data for {self.timeout_s:g} s (cache.read_timeout_s); killed")
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """'dir/000001.latent.bin' → ('dir/000001', 'latent.bin'): the key ends at the basename's first dot."""
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), (ext if dot else "")
+def open_stream(url: str, read_timeout_s: float = 0.0) -> Any:
+    """webdataset's stream for a URL (local file, `pipe:CMD` checked for its exit status, a URL scheme),
+    watched for stalls when `read_timeout_s` > 0."""
+    if read_timeout_s <= 0:
+        return gopen(url, "rb")
+    if url.startswith("pipe:"):
+        # webdataset's gopen_pipe, in its own session so that a stall kills the whole command.
+        stream = Pipe(url[5:], mode="rb", shell=True, bufsize=8192, ignore_status=[141], timeout=read_timeout_s,
+                      start_new_session=True)
+    else:
+        stream = gopen(url, "rb")
+    return _Watchdog(stream, url, read_timeout_s)
 
 
-def iter_tar_samples(url: str, skips: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Group a tar's members by key into {"__key__", "__url__", ext: bytes}; never raises on bad input.
+def iter_tar_samples(url: str, skips: SkipCounter, read_timeout_s: float = 0.0) -> Iterator[dict[str, Any]]:
+    """webdataset samples {"__key__", "__url__", ext: bytes} of one shard; never raises on bad input.
 
-    An unreadable URL is counted once as `unreadable_shard`; a tar that ends inside a member yields
-    the samples before it and counts the dropped trailing sample as `truncated_tar`.
+    An unreadable URL is counted once as `unreadable_shard`. A stream that fails after it started (a
+    `pipe:` exiting non-zero, a stall past `read_timeout_s`, a read error) is counted as `stream_failed`:
+    the shard cannot be trusted as complete. A tar that ends inside a member yields the samples before it
+    and counts the dropped trailing sample as `truncated_tar`.
     """
     try:
-        stream = open_url(url)
-    except OSError as exc:
+        stream = open_stream(url, read_timeout_s)
+    except Exception as exc:  # webdataset raises several types for a bad URL
         skips.add("unreadable_shard", f"{url}: {exc}")
         return
-    current: dict[str, Any] = {}
+    last_member = [""]  # the newest member header read: its key tells whether the current sample ended
+
+    def note(name: str) -> str:
+        last_member[0] = name
+        return name
+
     started = False
+    failure: list[BaseException] = []
+
+    def until_failure(members: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        # End the member stream at the first error, so that webdataset's grouping still hands over the
+        # sample before it; that sample is dropped below when the failing member belonged to it.
+        try:
+            yield from members
+        except (tarfile.ReadError, EOFError, OSError, ValueError) as exc:
+            failure.append(exc)
+
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                started = True
-                if not info.isfile():
-                    continue
-                key, ext = split_member_name(info.name)
-                if not ext or key.rsplit("/", 1)[-1].startswith("."):
-                    continue  # hidden files and extension-less members are not sample data
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                if not current:
-                    current = {"__key__": key, "__url__": url}
-                payload = tar.extractfile(info).read()  # type: ignore[union-attr]
-                if len(payload) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is truncated")
-                current[ext.lower()] = payload
-    except (tarfile.ReadError, EOFError, OSError) as exc:
-        if not started and not current:
-            skips.add("unreadable_shard", f"{url}: {exc}")
-        else:
-            skips.add("truncated_tar", f"{url}: {exc}")
+        members = tar_file_expander([{"url": url, "stream": stream}], rename_files=note, eof_value=None)
+        for sample in group_by_keys(until_failure(members)):
+            if failure and sample["__key__"] == base_plus_ext(last_member[0])[0]:
+                break  # the sample the stream broke inside: incomplete
+            started = True
+            yield sample
+    except ValueError as exc:  # webdataset's grouping refuses a member name twice in one sample
+        failure.append(exc)
+    except GeneratorExit:  # the consumer stopped early: release the stream, whatever its state
+        try:
+            stream.close()
+        except Exception:
+            pass
+        raise
+    try:
+        stream.close()
+    except Exception as exc:  # a pipe's non-zero exit status, or a stall, surfaces here
+        failure.insert(0, exc)
+    if not failure:
         return
-    if current:
-        yield current
+    first = failure[0]
+    if isinstance(first, OSError) and (started or last_member[0]):
+        skips.add("stream_failed", f"{url}: {first}")
+    elif not started and not last_member[0]:
+        skips.add("unreadable_shard", f"{url}: {first}")
+    else:
+        skips.add("truncated_tar", f"{url}: {first}")
+
+
+def samples_from_bytes(span: bytes | memoryview, where: str) -> list[dict[str, Any]]:
+    """The webdataset samples in a byte span of a tar (whole members, e.g. one indexed sample)."""
+    members = tar_file_expander([{"url": where, "stream": io.BytesIO(span)}], eof_value=None)
+    return list(group_by_keys(members))
+
+
+def member_from_bytes(span: bytes | memoryview, where: str) -> tuple[str, bytes]:
+    """The (name, bytes) of the one member in a span, also for `__*__/` metadata members (index tables)."""
+    for member in tar_file_iterator(io.BytesIO(span), skip_meta=None):
+        return member["fname"], member["data"]
+    raise ValueError(f"{where}: no tar member in the span")
+
+
+@dataclass(frozen=True)
+class SampleSpan:
+    """Where one sample of a local tar lies: its key, byte span (all its members) and member extensions."""
+
+    key: str
+    offset: int
+    size: int
+    exts: tuple[str, ...]
+
+
+def index_samples(path: str) -> list[SampleSpan]:
+    """The sample spans of a local tar, for random access to raw shards (read back with `samples_from_bytes`).
+
+    The headers are read by the standard library (tarfile) and grouped with webdataset's key rule.
+    """
+    spans: list[SampleSpan] = []
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            key, ext = base_plus_ext(info.name)
+            if key is None or not info.isreg():
+                continue
+            end = info.offset_data + (info.size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
+            last = spans[-1] if spans else None
+            if last is not None and last.key == key:
+                spans[-1] = SampleSpan(key, last.offset, end - last.offset, (*last.exts, ext.lower()))
+            else:
+                spans.append(SampleSpan(key, info.offset, end - info.offset, (ext.lower(),)))
+    return spans
 
 
 # ---------------------------------------------------------------------------- metadata filters
@@ -431,10 +512,10 @@ def _boxes_from_meta(meta: dict[str, Any], class_id: int) -> tuple[list[list[flo
 
 
 def iter_decoded(urls: Sequence[str], rules: SampleFilter, skips: SkipCounter,
-                 on_read: Optional[Callable[[], None]] = None) -> Iterator[RawSample]:
+                 on_read: Optional[Callable[[], None]] = None, read_timeout_s: float = 0.0) -> Iterator[RawSample]:
     """Decoded samples of several shards in order; each bad sample is counted, never raised."""
     for url in urls:
-        for raw in iter_tar_samples(url, skips):
+        for raw in iter_tar_samples(url, skips, read_timeout_s):
             if on_read is not None:
                 on_read()
             try:

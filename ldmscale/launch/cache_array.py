@@ -35,16 +35,26 @@ def cache_shards(cfg: Config, urls: list[str]) -> list[dict[str, Any]]:
 
 
 def assemble(cfg: Config, names: list[str]) -> dict[str, Any]:
-    """The dependent job: write manifest.json from every shard's result, then check the failure rate."""
-    from ldmscale.data.cache import CacheJobError, assemble_manifest, check_failure_rate, is_complete
+    """The dependent job: write manifest.json from every shard's result, then check the failure rate.
 
-    missing = [n for n in names if not is_complete(cfg.cache.output, n)]
+    Each result is read once (200k shards: seconds); a shard is missing without a complete result or file."""
+    from ldmscale.data.cache import (
+        CacheJobError,
+        check_failure_rate,
+        incomplete_shards,
+        load_results,
+        write_manifest,
+    )
+
+    output = Path(cfg.cache.output)
+    results, missing = load_results(output, names)
+    missing += incomplete_shards(output, names, results)
     if missing:
         raise CacheJobError(
-            f"{len(missing)} of {len(names)} shards are not complete (e.g. {missing[:5]}); their array tasks "
+            f"{len(missing)} of {len(names)} shards are not complete (e.g. {sorted(missing)[:5]}); their array tasks "
             f"failed (logs in {cfg.launcher.folder}). Re-submit the same command: it redoes only these shards."
         )
-    manifest = assemble_manifest(cfg.cache.output, names)
+    manifest = write_manifest(output, results)
     check_failure_rate(manifest, cfg.cache.max_failure_rate)
     return manifest
 
@@ -80,7 +90,7 @@ def submit_cache_array(cfg: Config) -> CacheArray:
     """Submit the cache job as an array over groups of `launcher.shards_per_task` input shards,
     at most `launcher.array_parallelism` running at once, plus the manifest job after them.
     Each array task is one process with at most one GPU (`launcher.gpus_per_node` > 0 → 1)."""
-    from ldmscale.data.cache import CacheJobError, is_complete
+    from ldmscale.data.cache import CacheJobError, incomplete_shards
     from ldmscale.data.shards import expand_urls, shard_name
 
     if not cfg.cache.input or not cfg.cache.output:
@@ -91,7 +101,8 @@ def submit_cache_array(cfg: Config) -> CacheArray:
     Path(output).mkdir(parents=True, exist_ok=True)
     urls = expand_urls(cfg.cache.input)
     names = [shard_name(u) for u in urls]
-    todo = [u for u, n in zip(urls, names) if not is_complete(output, n)]
+    redo = set(incomplete_shards(output, names))
+    todo = [u for u, n in zip(urls, names) if n in redo]
     size = cfg.launcher.shards_per_task
     groups = [todo[i:i + size] for i in range(0, len(todo), size)]
 
