@@ -447,11 +447,11 @@ def write_weights_export(state: dict[str, torch.Tensor], out: str | Path, *, wei
                          source: str | Path, config: dict[str, Any]) -> Path:
     """The flat safetensors export that sampling, evaluation and checkpoint.load_weights_only read: a
     Denoiser state dict, with metadata naming the weights (ema, raw, ...), the step, the run and its config."""
-    from safetensors.torch import save_file
+    from ldmscale.models.interop import save_tensors  # not 0600, as safetensors' own save_file writes
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"weights": weights, "step": str(step), "source": str(Path(source).resolve()),
             "config": json.dumps(config, default=str)}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=info)
+    save_tensors({k: v.contiguous() for k, v in state.items()}, out, metadata=info)
     return out

@@ -78,8 +78,12 @@ class AutoencoderConfig:
     # VQ: plain = learned codes (LDM; loads CompVis weights); linear = SimVQ, a learned linear map of frozen
     # random codes, which keeps a codebook trained from scratch in use (exports fold it back to plain)
     codebook: str = "plain"
-    scale_factor: float = 1.0
-    shift_factor: float = 0.0
+    # KL only: latents anchored to the bicubic downsample, decoder adds to its upsample (ae_photo; not diffusers)
+    bicubic_skip: bool = False
+    # null: from data.use_manifest_scale, else the weights' own (a stage-1 run's latent_scale.json), else 1.0/0.0;
+    # decided once when the config is built (ldmscale.latent_scale), so config.json holds what training uses
+    scale_factor: Optional[float] = None
+    shift_factor: Optional[float] = None
     weights: Optional[str] = None  # a file, diffusers folder, or stage-1 run directory
 
 
@@ -556,12 +560,14 @@ def to_object(cfg: DictConfig | Config) -> Config:
     """Turn a composed DictConfig into the typed `Config` (interpolations resolved)."""
     if isinstance(cfg, Config):
         return cfg
+    from ldmscale.latent_scale import resolve
+
     unknown = unknown_keys(cfg, Config)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}: not in the schema (ldmscale/config.py); "
                           "check the spelling, or the section it belongs to")
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-    return validate(OmegaConf.to_object(merged))  # type: ignore[arg-type]
+    return resolve(validate(OmegaConf.to_object(merged)))  # type: ignore[arg-type]
 
 
 def default_run_dir(single: str) -> str:
@@ -611,16 +617,91 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
+    overrides = normalize_overrides(list(overrides or []))
     if GlobalHydra.instance().is_initialized():  # inside @hydra.main: reuse its search path
-        return to_object(hydra_compose(config_name, overrides=list(overrides or [])))
+        return to_object(hydra_compose(config_name, overrides=overrides))
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        composed = hydra_compose(config_name, overrides=list(overrides or []))
+        composed = hydra_compose(config_name, overrides=overrides)
     return to_object(composed)
 
 
 def quote_override_value(value: str) -> str:
     """Quote a string for a Hydra override, so paths with braces, commas or spaces pass through."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _schema_kind(dotted: str) -> Optional[str]:
+    """'str' or 'list' for a string or list key of the schema, else None (unknown keys, numbers, dicts)."""
+    import typing
+
+    node: Any = Config
+    hint: Any = None
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        hint = hints[part]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        node = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    origin = typing.get_origin(node)
+    if node is str:
+        return "str"
+    if origin is list and typing.get_args(node) in ((str,), ()):
+        return "list"
+    return None
+
+
+def _split_items(text: str) -> list[str]:
+    """Top-level comma-separated items of a list override (commas inside {a,b} braces stay)."""
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    return [item.strip() for item in [*items, current] if item.strip()]
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """Shell-friendly overrides for Hydra's grammar, which reads `{...}` as a dict and needs lists in
+    brackets. For string and list-of-string keys only: a value with braces, commas or spaces is
+    quoted, and a list key given a bare value becomes a one-item list, so all of these work:
+    `data.train_shards=DIR/x-{000000..000007}.tar`, `data.train_shards=[DIR/x-{000000..000007}.tar,DIR2]`,
+    `cache.input=DIR/x-{000000..000007}.tar`. Values already quoted, and every other key, pass unchanged."""
+    out = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        plain = sep and not key.startswith("-") and "${" not in value and value not in ("null", "")
+        kind = _schema_kind(key.lstrip("+~")) if plain else None
+        if kind == "str" and value[:1] not in "'\"" and any(ch in value for ch in "{}[], "):
+            override = f"{key}={quote_override_value(value)}"
+        elif kind == "list" and value[:1] not in "'\"":
+            bracketed = value.startswith("[") and value.endswith("]")
+            if not bracketed or "{" in value:
+                items = _split_items(value[1:-1] if bracketed else value)
+                quoted = [i if i[:1] in "'\"" else quote_override_value(i) for i in items]
+                override = f"{key}=[{','.join(quoted)}]"
+        out.append(override)
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`key.path=value` settings onto an already composed config (a run's config.json, an export's). Config
+    groups and experiments (`model=tiny`, `+experiment=X`) cannot be re-composed there: refused by name."""
+    if not overrides:
+        return cfg
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or key.startswith(("+", "~")) or "." not in key:
+            raise ConfigError(f"override {override!r}: this config is already composed (a run or an export), so "
+                              "only key.path=value settings apply (e.g. autoencoder.weights=PATH), not config "
+                              "groups, experiments or additions")
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+    return to_object(merged)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

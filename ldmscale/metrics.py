@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -98,13 +99,17 @@ class NullLogger:
 
 
 class MetricsLogger(NullLogger):
-    """Main-rank sinks: metrics.jsonl (always), W&B (offline/online/disabled), a tqdm bar."""
+    """Main-rank sinks: metrics.jsonl and RUN_DIR/train.log (always), W&B (offline/online/disabled), and
+    on the console a tqdm bar on a terminal, else one plain line per logging step (a redirected log
+    would otherwise fill with bar redraws)."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: str | Path, *, config: dict[str, Any] | None,
                  total_steps: int, initial_step: int = 0, name: str = "ldmscale"):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.total_steps = total_steps
         self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.text = open(self.run_dir / "train.log", "a", buffering=1)  # beside Hydra's own lines, if any
         self.wandb_run = None
         if cfg.wandb_mode != "disabled":
             import wandb
@@ -115,7 +120,7 @@ class MetricsLogger(NullLogger):
                 id=_wandb_id(self.run_dir),
             )
         self.bar = None
-        if cfg.progress_bar:
+        if cfg.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=name, unit="step",
@@ -126,8 +131,12 @@ class MetricsLogger(NullLogger):
         self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=step)
+        line = f"step {step}/{self.total_steps} {_postfix(record)}"
+        self.text.write(f"{_now()} {line}\n")
         if self.bar is not None:
             self.bar.set_postfix_str(_postfix(record), refresh=False)
+        else:
+            print(line, flush=True)
 
     def log_image(self, step: int, key: str, path: str | Path, caption: str = "") -> None:
         if self.wandb_run is not None:
@@ -140,6 +149,7 @@ class MetricsLogger(NullLogger):
             self.bar.update(steps)
 
     def write(self, message: str) -> None:
+        self.text.write(f"{_now()} {message}\n")
         if self.bar is not None:
             self.bar.write(message)
         else:
@@ -152,6 +162,7 @@ class MetricsLogger(NullLogger):
             self.wandb_run.finish()
             self.wandb_run = None
         self.jsonl.close()
+        self.text.close()
 
 
 def _wandb_id(run_dir: Path) -> str:
@@ -166,6 +177,10 @@ def _wandb_id(run_dir: Path) -> str:
     return run_id
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _plain(value: Any) -> Any:
     if torch.is_tensor(value):
         return value.item()
@@ -175,10 +190,14 @@ def _plain(value: Any) -> Any:
 def _postfix(record: dict[str, Any]) -> str:
     parts = []
     for key, label, fmt in (("loss", "loss", "{:.4f}"), ("lr", "lr", "{:.2e}"), ("grad_norm", "gn", "{:.3f}"),
+                            ("psnr", "psnr", "{:.2f}"), ("eval/psnr", "eval/psnr", "{:.2f}"),
+                            ("eval/ssim", "eval/ssim", "{:.3f}"), ("epoch", "epoch", "{}"),
                             ("images_per_sec", "img/s", "{:.1f}"), ("mfu", "mfu", "{:.1%}"),
                             ("data_wait_frac", "data", "{:.0%}"), ("peak_mem_gb", "mem", "{:.1f}G")):
         if key in record and isinstance(record[key], (int, float)):
             parts.append(f"{label}={fmt.format(record[key])}")
+    if not parts:  # e.g. evaluation-only records: show what there is
+        parts = [f"{k}={v:.4g}" for k, v in record.items() if k != "step" and isinstance(v, (int, float))]
     return " ".join(parts)
 
 

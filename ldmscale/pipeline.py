@@ -107,19 +107,15 @@ class Pipeline:
 
         cfg = self.cfg
         cache_cfg = replace(cfg.cache, input=" ".join(self.train_shards()), output=str(self.cache_dir))
-        ae_cfg = replace(cfg.autoencoder, weights=str(self.ae_dir))
+        ae_cfg = replace(cfg.autoencoder, weights=str(self.ae_dir), scale_factor=None, shift_factor=None)
         run_cache_job(cfg.data, cfg.conditioner, ae_cfg, cache_cfg, seed=cfg.seed)
 
     def unet_config(self) -> Config:
-        from ldmscale.data.cache import expected_scale
-
-        manifest = json.loads((self.cache_dir / "manifest.json").read_text())
-        scale, shift = expected_scale(manifest)
+        # The latent scale comes with the stage-1 run (its latent_scale.json), as for any user's run.
         cached = [str(p) for p in sorted(self.cache_dir.glob("*.tar"))]
         return compose([*self.experiment, *self.overrides, "stage=diffusion", f"run_dir={quote_override_value(str(self.unet_dir))}",
                         "data.kind=cached", _list_override("data.train_shards", cached),
-                        f"autoencoder.weights={quote_override_value(str(self.ae_dir))}",
-                        f"autoencoder.scale_factor={scale}", f"autoencoder.shift_factor={shift}"])
+                        f"autoencoder.weights={quote_override_value(str(self.ae_dir))}"])
 
     def train_unet(self) -> None:
         run_in_child(self.unet_config(), "stage-2 U-Net training")
@@ -194,7 +190,30 @@ def save_grid(images: torch.Tensor | list[torch.Tensor], path: Path, columns: in
     grid.save(path)
 
 
+# Keys that point at a user's own data or weights: the demo makes its own and would silently ignore them.
+USER_DATA_KEYS = ("data.train_shards", "autoencoder.weights", "ae_loss.eval_shards", "cache.input")
+
+
+def check_no_user_data(overrides: list[str]) -> None:
+    """stage=demo writes synthetic shapes and trains its own autoencoder: refuse user data, naming the
+    commands that train on it (README "Your own data")."""
+    given = [o for o in overrides if o.lstrip("+~").partition("=")[0] in USER_DATA_KEYS]
+    if not given:
+        return
+    experiment = next((o.partition("=")[2] for o in overrides if o.startswith("+experiment=")), "demo")
+    raise SystemExit(
+        f"stage=demo makes its own synthetic shapes and autoencoder, so {', '.join(given)} would be ignored.\n"
+        "For your own data run the steps yourself (README, \"Your own data\"):\n"
+        "  python -m ldmscale.train +experiment=ae_photo 'data.train_shards=[DATA/train-{000000..000009}.tar]' \\\n"
+        "      'ae_loss.eval_shards=[DATA/val-000000.tar]' run_dir=runs/my_ae          # stage 1 (or reuse one)\n"
+        f"  python tools/cache_latents.py +experiment={experiment} 'cache.input=DATA/train-{{000000..000009}}.tar' \\\n"
+        "      cache.output=DATA/cache autoencoder.weights=runs/my_ae                  # latents (+ text)\n"
+        f"  python -m ldmscale.train +experiment={experiment} stage=diffusion data.kind=cached \\\n"
+        "      'data.train_shards=[DATA/cache]' autoencoder.weights=runs/my_ae run_dir=runs/my_ldm  # stage 2")
+
+
 def run_demo(cfg: Config, overrides: list[str]) -> dict[str, Any]:
+    check_no_user_data(overrides)
     timings = Pipeline(cfg, overrides).run()
     print(f"[demo] finished; step times (s): {timings}. Results in {cfg.run_dir}/eval.json, "
           f"{cfg.run_dir}/samples.png", flush=True)

@@ -117,7 +117,8 @@ def run_checkpoint_dir(run_dir: str | Path) -> Path:
 
 def autoencoder_path(path: str | Path) -> Path:
     """A stage-1 run directory → its exported autoencoder folder; other paths pass through unchanged."""
-    from ldmscale.stage1 import EXPORT_DIR, LATENT_SCALE_FILE
+    from ldmscale.latent_scale import SCALE_FILE as LATENT_SCALE_FILE
+    from ldmscale.latent_scale import STAGE1_EXPORT as EXPORT_DIR
 
     path = Path(path)
     if (path / EXPORT_DIR).is_dir() and (path / LATENT_SCALE_FILE).is_file():
@@ -211,6 +212,33 @@ def _run_dir_denoiser(run_dir: Path, ema: bool, tag: Optional[str]) -> dict[str,
     return load_run_weights(run_dir, ema=ema, tag=tag)[0]
 
 
+RUN_CONFIG = "run_config.json"  # beside a `--format ldmscale` export: the run's resolved config
+DENOISER_EXTRAS = "denoiser_extras.safetensors"  # beside it too: trainable parts outside the U-Net (layout)
+
+
+def config_of_export(path: Path) -> Optional[Config]:
+    """The training config an export carries: a flat .safetensors' metadata, or RUN_CONFIG in our folder."""
+    from omegaconf import OmegaConf
+
+    from ldmscale.config import to_object
+
+    raw = None
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get("config")
+        raw = json.loads(text) if text else None
+    elif (path / RUN_CONFIG).is_file():
+        raw = json.loads((path / RUN_CONFIG).read_text())
+    if not raw:
+        return None
+    cfg = to_object(OmegaConf.create(raw))
+    if path.is_dir() and (path / "autoencoder").is_dir():  # exported --with-autoencoder: use that copy
+        cfg.autoencoder = dataclasses.replace(cfg.autoencoder, weights=str(path / "autoencoder"))
+    return cfg
+
+
 def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Path] = None,
          overrides: Sequence[str] = (), tag: Optional[str] = None, device: torch.device | str = "cpu") -> Run:
     """Open what a user points at → Run (in eval mode on `device`):
@@ -218,14 +246,16 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
     - a stage-2 training run directory (EMA or raw weights; `tag` picks a checkpoint, default latest);
     - a stage-1 run directory or any autoencoder `ldmscale.models.load_autoencoder` reads: Run with the
       autoencoder only (denoiser None) when it holds no U-Net;
-    - our denoiser export (`.safetensors`/`.pt`, keys `unet.*`), a bare U-Net in any format
+    - our denoiser export (`.safetensors`/`.pt`, keys `unet.*`; its config in the metadata), our folder
+      export (`--format ldmscale`: U-Net, RUN_CONFIG, DENOISER_EXTRAS), a bare U-Net in any format
       `ldmscale.models.interop` reads, a diffusers pipeline folder (its scheduler and VAE too), an LDM/SD
       checkpoint.
 
-    The config comes from the run directory, from `config`, from a config.json beside the weights, or from
+    The config is the model's own (the run directory's, `config`, a config.json beside the weights, or the
+    one an export carries) with `overrides` (key.path=value) applied; only a bare checkpoint is described by
     composing `overrides` (as `python -m ldmscale.train OVERRIDES` would).
     """
-    from ldmscale.config import compose
+    from ldmscale.config import apply_overrides, compose
     from ldmscale.models import build_denoiser, load_autoencoder
 
     path = Path(checkpoint)
@@ -233,22 +263,30 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     pipeline_vae = False
     if is_run_dir(path) and config is None:
-        cfg = read_config(path / "config.json")
+        cfg = apply_overrides(read_config(path / "config.json"), list(overrides))
         if cfg.stage == "autoencoder":
             return Run(cfg, None, load_autoencoder(autoencoder_path(path)).to(device).eval())
         run = build_models(cfg, device)
         _load_denoiser_state(run.denoiser, _run_dir_denoiser(path, ema, tag), str(path))
         return run
-    if config is not None:
-        cfg = read_config(config)
-    elif path.is_file() and is_run_dir(path.parent):
-        cfg = read_config(path.parent / "config.json")
-    else:
-        cfg = compose(list(overrides))
+    own = (read_config(config) if config is not None
+           else read_config(path.parent / "config.json") if path.is_file() and is_run_dir(path.parent)
+           else config_of_export(path))
+    cfg = apply_overrides(own, list(overrides)) if own is not None else compose(list(overrides))
     state = _unwrap(read_weights(path), ema) if path.is_file() and path.suffix in WEIGHT_SUFFIXES else {}
     if any(key.startswith("unet.") for key in state):  # our consolidated Denoiser export
         denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
         _load_denoiser_state(denoiser, state, str(path))
+    elif path.is_dir() and (path / RUN_CONFIG).is_file():  # our folder export: U-Net + extras (layout)
+        from ldmscale.models.interop import load_unet_weights
+
+        denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
+        load_unet_weights(denoiser.unet, path)
+        if (path / DENOISER_EXTRAS).is_file():
+            extras = read_weights(path / DENOISER_EXTRAS, what=str(path / DENOISER_EXTRAS))
+            unexpected = denoiser.load_state_dict(extras, strict=False)[1]
+            if unexpected:
+                raise ValueError(f"{path / DENOISER_EXTRAS}: {unexpected[:5]} do not fit the configured denoiser")
     else:
         denoiser = _denoiser_from_unet_checkpoint(path, cfg)
     if path.is_dir():

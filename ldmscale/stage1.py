@@ -25,13 +25,10 @@ from torch import nn
 from ldmscale import evaluation
 from ldmscale.config import Config
 from ldmscale.data.pixels import PixelShardDataset, build_pixel_loader
+from ldmscale.latent_scale import SCALE_FILE as LATENT_SCALE_FILE  # RUN_DIR/latent_scale.json
+from ldmscale.latent_scale import STAGE1_EXPORT
 from ldmscale.models import build_autoencoder
-from ldmscale.models.autoencoder import (
-    AutoencoderKL,
-    VQModel,
-    estimate_scale_and_shift,
-    estimate_scale_factor,
-)
+from ldmscale.models.autoencoder import AutoencoderKL, VQModel
 from ldmscale.models.losses import (
     AutoencoderLoss,
     adaptive_weight_from_grads,
@@ -39,9 +36,8 @@ from ldmscale.models.losses import (
     conv_weight_grad,
 )
 
-EXPORT_DIR = "autoencoder"  # RUN_DIR/autoencoder: our export (weights + config with the latent scale)
+EXPORT_DIR = STAGE1_EXPORT  # RUN_DIR/autoencoder: our export (weights + config with the latent scale)
 DIFFUSERS_DIR = "autoencoder_diffusers"  # RUN_DIR/autoencoder_diffusers: a diffusers AutoencoderKL folder
-LATENT_SCALE_FILE = "latent_scale.json"  # RUN_DIR/latent_scale.json: the estimate, also in both exports
 
 
 class GeneratorModule(nn.Module):
@@ -258,7 +254,8 @@ class AutoencoderTask:
         model = self.autoencoder
         was_training = model.training
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64)  # psnr, ssim, n
+        sums = torch.zeros(4, dtype=torch.float64)  # psnr, ssim, n, psnr of bicubic down-and-up (the baseline)
+        factor = model.downsample_factor
         n_embed = model.quantize.n_embed if isinstance(model, VQModel) else 0
         code_counts = torch.zeros(max(n_embed, 1), dtype=torch.float64)
         grid_rows: list[torch.Tensor] = []
@@ -271,6 +268,7 @@ class AutoencoderTask:
             sums[0] += evaluation.psnr(pixels, recon).double().sum().cpu()
             sums[1] += evaluation.ssim(pixels, recon).double().sum().cpu()
             sums[2] += pixels.shape[0]
+            sums[3] += evaluation.psnr(pixels.float(), bicubic_roundtrip(pixels.float(), factor)).double().sum().cpu()
             if inception is not None:
                 real_stats.update(inception(pixels.float()))
                 fake_stats.update(inception(recon.float()))
@@ -281,7 +279,8 @@ class AutoencoderTask:
                 grid_rows = [pixels[:k].cpu(), recon[:k].float().cpu()]
         model.train(was_training)
         _all_reduce_sum(sums)
-        metrics: dict[str, Any] = {"eval/psnr": float(sums[0] / sums[2]), "eval/ssim": float(sums[1] / sums[2])}
+        metrics: dict[str, Any] = {"eval/psnr": float(sums[0] / sums[2]), "eval/ssim": float(sums[1] / sums[2]),
+                                   f"eval/psnr_bicubic{factor}x": float(sums[3] / sums[2])}
         if inception is not None:  # rFID: held-out images vs their reconstructions (a few thousand for stable values)
             real_stats.all_reduce()
             fake_stats.all_reduce()
@@ -317,24 +316,21 @@ class AutoencoderTask:
     # ------------------------------------------------------------------ hand-off to stage 2
     @torch.no_grad()
     def estimate_latent_scale(self) -> tuple[float, float]:
-        """(scale_factor, shift_factor) from training images (LDM §4.3.2: 1/std of the latents).
+        """(scale_factor, shift_factor) from training images: the estimate the cache manifest also makes
+        (`LatentStats`, exact posterior moments; see ldmscale.latent_scale): zero mean, unit variance."""
+        from ldmscale.data.cache_format import LatentStats
 
-        KL: sampled latents, scale only (shift 0), as SD's 0.18215. VQ: the pre-quantisation latents.
-        """
         n = self.cfg.ae_loss.estimate_scale_samples
         dataset = PixelShardDataset(self.cfg.data.train_shards, self.cfg.data.resolution)
         g = torch.Generator().manual_seed(self.cfg.seed)
         order = torch.randperm(len(dataset), generator=g)[:n].tolist()
-        model = self.autoencoder
-        latents = []
+        stats = LatentStats()
         for lo in range(0, len(order), self.cfg.data.micro_batch_size):
             pixels = torch.stack([dataset[i] for i in order[lo:lo + self.cfg.data.micro_batch_size]])
-            moments = model.encode_moments(pixels.to(self.device, self.g_engine.compute_dtype))
-            latents.append(model.latent_from_moments(moments, torch.Generator(self.device).manual_seed(lo)).float())
-        flat = torch.cat(latents)
-        if isinstance(model, VQModel):
-            return estimate_scale_and_shift(flat)
-        return estimate_scale_factor(flat), 0.0
+            moments = self.autoencoder.encode_moments(pixels.to(self.device, self.g_engine.compute_dtype))
+            stats.update_moments(moments.float().cpu(), self.cfg.autoencoder.kind)
+        summary = stats.summary()
+        return float(summary["scale_factor"]), float(summary["shift_factor"])
 
     def export(self, run_dir: str | Path) -> Path:
         """RUN_DIR/autoencoder (our format) and, for KL, RUN_DIR/autoencoder_diffusers (a diffusers
@@ -354,9 +350,20 @@ class AutoencoderTask:
                 (Path(run_dir) / LATENT_SCALE_FILE).write_text(json.dumps(
                     {"scale_factor": scale, "shift_factor": shift, "step": self.step,
                      "num_images": self.cfg.ae_loss.estimate_scale_samples}, indent=2))
-                if isinstance(model, AutoencoderKL) and model.config["z_channels"] == model.config["embed_dim"]:
+                if isinstance(model, AutoencoderKL) and model.config["z_channels"] == model.config["embed_dim"] \
+                        and not model.bicubic_skip:
                     save_autoencoder(model, Path(run_dir) / DIFFUSERS_DIR, format="diffusers")
         return out
+
+
+def bicubic_roundtrip(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """The baseline an f-`factor` autoencoder must beat: antialiased bicubic down by `factor`, bicubic up."""
+    import torch.nn.functional as F
+
+    from ldmscale.data.conditioning import low_res_of
+
+    up = F.interpolate(low_res_of(pixels, factor), size=pixels.shape[-2:], mode="bicubic", align_corners=False)
+    return up.clamp(-1, 1)
 
 
 def load_autoencoder_from_run(run_dir: str | Path) -> AutoencoderKL | VQModel:

@@ -184,6 +184,9 @@ def _run_stage(cfg: Config, dist: Any) -> None:
         logger = build_logger(cfg.logger, cfg.run_dir, is_main=dist.is_main, config=to_dict(cfg),
                               total_steps=cfg.trainer.max_steps, initial_step=trainer.step, name=cfg.name)
         trainer.logger = logger
+        from ldmscale.latent_scale import report
+
+        logger.write(f"[ldmscale] {report(cfg.autoencoder, cfg.data)}")  # what the grids and exports decode with
         ckpt.SAVE_REQUEST.install()
         trainer.fit()
     finally:  # local cleanup only (no collectives): it also runs on the way out of a failure
@@ -221,4 +224,9 @@ def main(composed: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from ldmscale.config import normalize_overrides
+
+    sys.argv[1:] = normalize_overrides(sys.argv[1:])  # brace patterns and bare paths in list keys
     main()

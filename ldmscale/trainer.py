@@ -140,6 +140,8 @@ class Trainer:
                   "peak_mem_gb": peak_memory_gb()}
         for name, engine in self.task.engines().items():
             prefix = "" if len(self.task.engines()) == 1 else f"{name}/"
+            if not engine.global_steps:  # e.g. stage 1's discriminator before ae_loss.disc_start: nothing to say
+                continue
             record[f"{prefix}lr"] = engine.lr()
             record[f"{prefix}grad_norm"] = engine.grad_norm()
         for key, value in out.items():

@@ -27,21 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ldmscale.config import CONF_DIR, quote_override_value, register_configs, to_object  # noqa: E402
-
-
-def quote_url_overrides(argv: list[str]) -> list[str]:
-    """Hydra's grammar reads `{...}` as a dict: quote brace/glob URL values so they pass through."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+") in ("cache.input", "cache.output") and value[:1] not in "'\"" \
-                and any(ch in value for ch in "{}*?[], "):
-            value = quote_override_value(value)
-            arg = f"{key}={value}"
-        out.append(arg)
-    return out
-
+from ldmscale.config import CONF_DIR, normalize_overrides, register_configs, to_object  # noqa: E402
 
 register_configs()
 
@@ -65,5 +51,7 @@ def main(composed: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *quote_url_overrides(sys.argv[1:]), "hydra.run.dir=.", "hydra.output_subdir=null"]
+    # Hydra's log (cache_latents.log) goes beside the cache it describes, not into the working directory.
+    sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:]), "hydra.run.dir=${cache.output}",
+                "hydra.output_subdir=null"]
     main()

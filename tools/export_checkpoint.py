@@ -14,6 +14,7 @@ Works for checkpoints of any ZeRO stage and world size (DeepSpeed's zero_to_fp32
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldmscale.checkpoint import load_run_weights, write_weights_export  # noqa: E402
-from ldmscale.runs import load  # noqa: E402
+from ldmscale.config import to_dict  # noqa: E402
+from ldmscale.runs import DENOISER_EXTRAS, RUN_CONFIG, load  # noqa: E402
 
 FORMATS = ("safetensors", "ldmscale", "diffusers", "ldm")
 
@@ -30,9 +32,12 @@ FORMATS = ("safetensors", "ldmscale", "diffusers", "ldm")
 def export(run_dir: str | Path, out: str | Path, *, ema: bool = True, format: str = "safetensors",
            tag: str | None = None, with_autoencoder: bool = False) -> Path:
     """Write the run's denoiser (EMA or raw) as `format`; returns what was written."""
+    from ldmscale.models.interop import save_tensors
+
     out = Path(out)
     if format == "safetensors":
         state, meta = load_run_weights(run_dir, ema=ema, tag=tag)
+        # The run's resolved config travels in the metadata: `python -m ldmscale.sample` needs no --config.
         return write_weights_export(state, out, weights="ema" if ema else "raw", step=meta["step"],
                                     source=run_dir, config=meta.get("config", {}))
     if format not in FORMATS:
@@ -52,9 +57,9 @@ def export(run_dir: str | Path, out: str | Path, *, ema: bool = True, format: st
         return written.parent
     written = save_unet(models.denoiser.unet, out, format)
     if extras:  # e.g. the layout encoder: kept beside the U-Net in our folder format
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in extras.items()}, str(out / "denoiser_extras.safetensors"))
+        save_tensors({k: v.contiguous() for k, v in extras.items()}, out / DENOISER_EXTRAS)
+    if format == "ldmscale":  # the run's config (conditioning kind, classes, process, latent scale) beside it
+        (out / RUN_CONFIG).write_text(json.dumps(to_dict(models.cfg), indent=2, default=str))
     if with_autoencoder:
         target = out / "autoencoder" if format == "ldmscale" else out.with_name(out.stem + "_vae" + out.suffix)
         save_autoencoder(models.autoencoder, target, format)

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ldmscale.data.pixels import PixelLoader, PixelShardDataset
     from ldmscale.models import VQModel, build_autoencoder
     from ldmscale.models.losses import AutoencoderLoss
+    from ldmscale.stage1 import bicubic_roundtrip
 
     torch.set_num_threads(args.threads)
     cfg = compose([f"+experiment={args.experiment}", *args.overrides])
@@ -46,9 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
     params = [p for p in list(model.parameters()) + [loss_fn.logvar] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)
-    loader = iter(PixelLoader(PixelShardDataset([args.train], cfg.data.resolution), cfg.data.micro_batch_size,
-                              seed=cfg.seed))
+    loader = PixelLoader(PixelShardDataset([args.train], cfg.data.resolution), cfg.data.micro_batch_size,
+                         seed=cfg.seed).endless()
     val = torch.stack(list(PixelShardDataset([args.val], cfg.data.resolution)))
+    factor = model.downsample_factor
+    baseline = float(evaluation.psnr(val, bicubic_roundtrip(val, factor)).mean())  # what the latent size must beat
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.experiment}: {n_params / 1e6:.2f}M params, {cfg.data.resolution}px, batch "
           f"{cfg.data.micro_batch_size}, {len(val)} held-out images, {args.threads} threads", flush=True)
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
                 recon, stats = model(val, sample_posterior=False)[0], {}
         model.train()
         return {"psnr": float(evaluation.psnr(val, recon).mean()), "ssim": float(evaluation.ssim(val, recon).mean()),
-                **stats}
+                f"psnr_bicubic{factor}x": baseline, **stats}
 
     curve = []
     step, start, cpu0 = 0, time.perf_counter(), time.process_time()

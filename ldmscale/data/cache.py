@@ -370,11 +370,7 @@ def cache_shard(input_url: str, output_dir: str | Path, encoders: Encoders, spec
                 for it in items:
                     skips.add("encode_error", f"{input_url}:{it.key}: {type(exc).__name__}: {exc}")
                 return
-            if spec.fingerprint["latent"]["kind"] == "kl":
-                mean, logvar = moments.chunk(2, dim=1)
-                stats.update(mean, logvar.clamp(-30.0, 20.0).exp())
-            else:
-                stats.update(moments)
+            stats.update_moments(moments, spec.fingerprint["latent"]["kind"])
             for record in records:
                 writer.write(record, bucket, spec.latent_dtype, spec.text_dtype)
             bucket_counts[bucket] += len(records)
@@ -541,7 +537,7 @@ def run_cache_job(data_cfg: Any, cond_cfg: Any, ae_cfg: Any, cache_cfg: Any, *, 
     bar.close()
     manifest = assemble_manifest(output_dir, names)
     elapsed = time.perf_counter() - start
-    _print_summary(manifest, written, elapsed, done_before, failed)
+    _print_summary(manifest, written, elapsed, done_before, failed, ae_cfg)
     check_failure_rate(manifest, cache_cfg.max_failure_rate)
     return manifest
 
@@ -576,7 +572,9 @@ def _run_pool(todo: list[str], output_dir: Path, configs: tuple, cache_cfg: Any,
 
 
 def _print_summary(manifest: dict[str, Any], written_now: int, elapsed: float, done_before: int,
-                   failed: list[str]) -> None:
+                   failed: list[str], ae_cfg: Any) -> None:
+    from ldmscale.latent_scale import describe_cache_estimate
+
     totals = manifest["totals"]
     lines = [
         f"[cache] {len(manifest['shards'])} shards ({done_before} already complete), "
@@ -589,18 +587,10 @@ def _print_summary(manifest: dict[str, Any], written_now: int, elapsed: float, d
         lines.append(f"[cache]   skipped {reason}: {n}")
     stats = manifest.get("latent_stats") or {}
     if stats:
-        lines.append(f"[cache] latent std={stats['global_std']:.4f} → suggested autoencoder.scale_factor="
-                     f"{stats['scale_factor']:.5f} shift_factor={stats['shift_factor']:.5f}")
+        lines.append(f"[cache] {describe_cache_estimate(stats, ae_cfg)}")
     if failed:
         lines.append(f"[cache] unreadable shards (retried on re-run): {failed[:5]}")
     print("\n".join(lines), flush=True)
-
-
-def expected_scale(manifest: dict[str, Any]) -> tuple[float, float]:
-    stats = manifest.get("latent_stats") or {}
-    if not stats:
-        raise CacheJobError("the manifest has no latent statistics (no sample was written)")
-    return float(stats["scale_factor"]), float(stats["shift_factor"])
 
 
 __all__ = [

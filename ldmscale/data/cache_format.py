@@ -220,6 +220,14 @@ class LatentStats:
         self.sum_sq = [a + b for a, b in zip(self.sum_sq, sq)]
         self.count += mean.shape[0] * mean.shape[2] * mean.shape[3]
 
+    def update_moments(self, moments: torch.Tensor, kind: str) -> None:
+        """The encoder's moments [B,C',h,w]: KL (mean ‖ logvar, logvar clamped as when sampling) or VQ latents."""
+        if kind == "kl":
+            mean, logvar = moments.chunk(2, dim=1)
+            self.update(mean, logvar.clamp(-30.0, 20.0).exp())
+        else:
+            self.update(moments)
+
     def merge(self, other: LatentStats) -> LatentStats:
         if not other.count:
             return self

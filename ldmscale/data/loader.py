@@ -80,7 +80,7 @@ class ShardTable:
         return shard, int(sample_id - self.first_id[shard])
 
 
-def _find_manifest(entry: str) -> Path:
+def find_manifest(entry: str) -> Path:
     if os.path.isdir(entry):
         folder = Path(entry)
     else:
@@ -141,7 +141,7 @@ def build_table(train_shards: Sequence[str]) -> ShardTable:
     manifests: list[dict[str, Any]] = []
     buckets: Optional[list[tuple[int, int]]] = None
     for source, entry in enumerate(train_shards):
-        manifest_path = _find_manifest(entry)
+        manifest_path = find_manifest(entry)
         manifest = read_manifest(manifest_path)
         shards = manifest.pop("shards")
         manifests.append(manifest)
@@ -523,14 +523,14 @@ def build_loader(data_cfg: Any, cond_cfg: Any, ae_cfg: Any, *, seed: int, rank: 
     if data_cfg.shard_weights and len(data_cfg.shard_weights) != len(data_cfg.train_shards):
         raise ValueError(f"data.shard_weights has {len(data_cfg.shard_weights)} entries, "
                          f"data.train_shards has {len(data_cfg.train_shards)}")
-    scale, shift = ae_cfg.scale_factor, ae_cfg.shift_factor
-    if data_cfg.use_manifest_scale:
-        stats = table.manifests[0].get("latent_stats") or {}
-        scale, shift = stats["scale_factor"], stats["shift_factor"]
+    from ldmscale.latent_scale import decide
+
+    scale = decide(ae_cfg, data_cfg)  # already in ae_cfg when it came from config.to_object
     if data_cfg.shuffle_window <= 0:
         raise ValueError(f"data.shuffle_window={data_cfg.shuffle_window} must be a positive number of shards")
     settings = _Settings(seed, rank, world_size, data_cfg.micro_batch_size, tuple(data_cfg.shard_weights),
-                         ae_cfg.kind, kind_for(cond_cfg), float(scale), float(shift), data_cfg.shuffle_window)
+                         ae_cfg.kind, kind_for(cond_cfg), scale.scale_factor, scale.shift_factor,
+                         data_cfg.shuffle_window)
     loader = Loader(table, settings, data_cfg.num_workers, data_cfg.prefetch_factor)
     if len(loader) == 0:
         raise ValueError(

@@ -53,7 +53,10 @@ class OnlineLoader:
 
     def __init__(self, data_cfg: Any, cond_cfg: Any, ae_cfg: Any, *, seed: int, rank: int, world_size: int,
                  encoders: Optional[Any] = None):
+        from ldmscale.latent_scale import decide
+
         self.data_cfg, self.cond_cfg, self.ae_cfg = data_cfg, cond_cfg, ae_cfg
+        self.scale = decide(ae_cfg, data_cfg)  # already in ae_cfg when it came from config.to_object
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.urls = expand_urls(list(data_cfg.train_shards))
         if not self.urls:
@@ -131,5 +134,5 @@ class OnlineLoader:
         records, _ = _encode_batch(items, self.encoders, self.spec)
         generator = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, position * self.world_size + self.rank))
         return collate_records(records, kind=self.ae_cfg.kind, conditioning=self.spec.conditioning,
-                               scale_factor=self.ae_cfg.scale_factor, shift_factor=self.ae_cfg.shift_factor,
+                               scale_factor=self.scale.scale_factor, shift_factor=self.scale.shift_factor,
                                generator=generator)

@@ -127,18 +127,24 @@ class PixelLoader:
         return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rest of the current epoch; then the next epoch is set, and a new iter() starts it (the
+        trainer counts epochs by that end, as with the cached loader)."""
+        batches = self._epoch_batches()[self.position:]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                                             persistent_workers=False)
+        for indices, pixels in zip(batches, loader):
+            if self.random_flip:
+                # A flip decided by (seed, sample index, epoch), so it survives resume.
+                flips = torch.tensor([hash((self.seed, self.epoch, i)) % 2 for i in indices], dtype=torch.bool)
+                pixels = torch.where(flips[:, None, None, None], pixels.flip(-1), pixels)
+            self.position += 1
+            yield {"pixels": pixels}
+        self.set_epoch(self.epoch + 1)
+
+    def endless(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Epoch after epoch, for loops without a trainer (tools/stage1_quality.py)."""
         while True:
-            batches = self._epoch_batches()[self.position:]
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                                 persistent_workers=False)
-            for indices, pixels in zip(batches, loader):
-                if self.random_flip:
-                    # A flip decided by (seed, sample index, epoch), so it survives resume.
-                    flips = torch.tensor([hash((self.seed, self.epoch, i)) % 2 for i in indices], dtype=torch.bool)
-                    pixels = torch.where(flips[:, None, None, None], pixels.flip(-1), pixels)
-                self.position += 1
-                yield {"pixels": pixels}
-            self.set_epoch(self.epoch + 1)
+            yield from self
 
 
 def build_pixel_loader(data_cfg, *, seed: int, rank: int = 0, world_size: int = 1,

@@ -22,6 +22,17 @@ from ldmscale.models.unet import Downsample, ResBlock, UNet, Upsample
 UNET_PREFIX = "model.diffusion_model."
 AE_PREFIX = "first_stage_model."
 FORMATS = ("diffusers", "ldm", "ldmscale")
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """safetensors' save_file, then the permissions of any new file (safetensors writes 0600): exports
+    are read by other people and jobs."""
+    import os
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 OUR_CONFIG = "config.json"
 OUR_WEIGHTS = "model.safetensors"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -291,6 +302,8 @@ def autoencoder_config_to_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("diffusers export covers AutoencoderKL; save a VQModel with format='ldm' or 'ldmscale'")
     if cfg["z_channels"] != cfg["embed_dim"]:
         raise ValueError("diffusers' AutoencoderKL needs z_channels == embed_dim")
+    if cfg.get("bicubic_skip"):
+        raise ValueError("diffusers' AutoencoderKL has no bicubic skip (autoencoder.bicubic_skip): use format='ldmscale'")
     levels = len(cfg["ch_mult"])
     return {"_class_name": "AutoencoderKL", "in_channels": cfg["in_channels"], "out_channels": cfg["out_ch"],
             "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
@@ -458,7 +471,7 @@ def _save(model: nn.Module, kind: str, config: dict[str, Any], diffusers_config:
     state = _contiguous(model.state_dict())
     if format == "ldmscale":
         path.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(path / OUR_WEIGHTS))
+        save_tensors(state, path / OUR_WEIGHTS)
         (path / OUR_CONFIG).write_text(json.dumps({"ldmscale": kind, "config": config}, indent=2))
     elif format == "diffusers":
         dcfg = diffusers_config(config)  # validates before anything is written
@@ -466,13 +479,13 @@ def _save(model: nn.Module, kind: str, config: dict[str, Any], diffusers_config:
         if transform:
             renamed = {k: transform(k, v) for k, v in renamed.items()}
         path.mkdir(parents=True, exist_ok=True)
-        save_file(_contiguous(renamed), str(path / DIFFUSERS_WEIGHTS))
+        save_tensors(_contiguous(renamed), path / DIFFUSERS_WEIGHTS)
         (path / "config.json").write_text(json.dumps(dcfg, indent=2))
     elif format == "ldm":
         prefixed = {prefix + k: v for k, v in state.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
-            save_file(prefixed, str(path), metadata={"ldmscale_config": json.dumps({kind: config})})
+            save_tensors(prefixed, path, metadata={"ldmscale_config": json.dumps({kind: config})})
         else:
             torch.save({"state_dict": prefixed, "ldmscale_config": {kind: config}}, str(path))
     else:
