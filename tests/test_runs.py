@@ -57,3 +57,31 @@ def test_a_stage1_run_dir_loads_as_its_autoencoder(tmp_path):
     assert run.denoiser is None and run.cfg.stage == "autoencoder"
     loaded = run.autoencoder.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in trained.state_dict().items())
+
+
+def test_our_folder_export_loads_its_extras_and_config_and_takes_key_overrides(tmp_path):
+    """`--format ldmscale`: U-Net + run_config.json + denoiser_extras (the layout encoder) load as the
+    trained denoiser without --config; -o key.path=value changes its config, config groups are refused."""
+    import json
+
+    from ldmscale.config import ConfigError, compose, to_dict
+    from ldmscale.models import build_denoiser, save_unet
+    from ldmscale.models.interop import save_tensors
+    from ldmscale.runs import DENOISER_EXTRAS, RUN_CONFIG, load
+
+    cfg = compose(["+experiment=demo_layout"])
+    torch.manual_seed(1)
+    trained = build_denoiser(cfg.model, cfg.conditioner)
+    extras = {k: v for k, v in trained.state_dict().items() if not k.startswith("unet.")}
+    assert extras, "a layout denoiser has trainable parts outside the U-Net"
+    save_unet(trained.unet, tmp_path / "folder", "ldmscale")
+    save_tensors({k: v.contiguous() for k, v in extras.items()}, tmp_path / "folder" / DENOISER_EXTRAS)
+    (tmp_path / "folder" / RUN_CONFIG).write_text(json.dumps(to_dict(cfg), default=str))
+
+    with pytest.warns(UserWarning, match="autoencoder.weights is not set"):
+        run = load(tmp_path / "folder", overrides=["diffusion.num_sampling_steps=3"])
+    assert run.cfg.conditioner.kind == "layout" and run.cfg.diffusion.num_sampling_steps == 3
+    got = run.denoiser.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in trained.state_dict().items())
+    with pytest.raises(ConfigError, match="only key.path=value"):
+        load(tmp_path / "folder", overrides=["model=tiny"])
