@@ -26,13 +26,13 @@ import warnings
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
-from ldmscale.config import CheckpointConfig, Config
+from ldmscale.config import CheckpointConfig
 
 LATEST = "latest"
 META = "meta.json"
@@ -390,59 +390,15 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
 
         load_unet_weights(module.unet, path)
         return
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint.load_weights_only={str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ldmscale.runs import read_weights
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights(path, what="checkpoint.load_weights_only")
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise KeyError(f"{path}: missing keys {missing[:5]}..., unexpected keys {unexpected[:5]}...")
 
 
 # ---------------------------------------------------------------------------- offline: run dir → weights
-def read_run_config(run_dir: str | Path) -> Config:
-    """The resolved config a run saved beside its checkpoints (run_dir/config.json)."""
-    from omegaconf import OmegaConf
-
-    from ldmscale.config import to_object
-
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a training run directory")
-    return to_object(OmegaConf.create(json.loads(path.read_text())))
-
-
-def run_checkpoint_dir(run_dir: str | Path) -> Path:
-    """Where a run's checkpoints are: run_dir itself (if it holds checkpoints), its checkpoint.dir, or ./checkpoints.
-
-    checkpoint.dir is saved resolved against the run's own working directory, so a leading cfg.run_dir
-    is re-rooted at `run_dir` (the run folder may have been moved or be read from elsewhere).
-    """
-    run_dir = Path(run_dir)
-
-    def holds_checkpoints(folder: Path) -> bool:
-        return (folder / LATEST).is_file() or bool(complete_tags(folder))
-
-    if holds_checkpoints(run_dir):
-        return run_dir
-    candidates = []
-    if (run_dir / "config.json").is_file():
-        saved = json.loads((run_dir / "config.json").read_text())
-        ckpt_dir, saved_run = Path(saved["checkpoint"]["dir"]), Path(saved["run_dir"])
-        if ckpt_dir.is_relative_to(saved_run):
-            candidates.append(run_dir / ckpt_dir.relative_to(saved_run))
-        candidates.append(ckpt_dir)
-    candidates.append(run_dir / "checkpoints")
-    for candidate in candidates:
-        if holds_checkpoints(candidate):
-            return candidate
-    raise FileNotFoundError(f"no complete checkpoint ('latest' or step_*/{META}) in any of {[str(c) for c in candidates]}")
-
-
 def _ema_state(client: dict[str, Any], engine: str, where: Path) -> dict[str, Any]:
     task = client.get("task") or {}
     state = task.get("ema") if engine not in task else (task[engine] or {}).get("ema")
@@ -462,6 +418,7 @@ def load_run_weights(run_dir: str | Path, *, ema: bool = True, engine: str = "de
     """
     from ldmscale.distributed.engine import consolidate_state_dict
     from ldmscale.ema import assemble_partitions
+    from ldmscale.runs import run_checkpoint_dir
 
     ckpt_dir = run_checkpoint_dir(run_dir)
     if tag is None:
@@ -498,44 +455,3 @@ def write_weights_export(state: dict[str, torch.Tensor], out: str | Path, *, wei
             "config": json.dumps(config, default=str)}
     save_tensors({k: v.contiguous() for k, v in state.items()}, out, metadata=info)
     return out
-
-
-class RunModels(NamedTuple):
-    """What sampling and export need from a stage-2 run, on CPU in eval mode."""
-
-    cfg: Config
-    denoiser: torch.nn.Module
-    autoencoder: torch.nn.Module
-    text_encoder: Any  # the conditioning kind's frozen encoder (text towers), or None
-
-
-def build_run_models(cfg: Config, device: torch.device | str = "cpu") -> RunModels:
-    """The models a stage-2 config names, in eval mode: an untrained denoiser (the caller loads weights),
-    the autoencoder (cfg.autoencoder.weights, else the cache job's seed-0 one) and the text encoder."""
-    import dataclasses
-
-    from ldmscale.models import build_autoencoder, build_denoiser
-
-    model_cfg = dataclasses.replace(cfg.model, weights=None)  # the checkpoint supersedes the initial weights
-    denoiser = build_denoiser(model_cfg, cfg.conditioner)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # an untrained autoencoder is the cache job's (seed 0)
-        autoencoder = build_autoencoder(cfg.autoencoder)
-    text_encoder = denoiser.conditioning.build_frozen(device)
-    return RunModels(cfg, denoiser.to(device).eval(), autoencoder.to(device).eval(), text_encoder)
-
-
-def load_run_models(run_dir: str | Path, ema: bool = True, *, tag: str | None = None,
-                    device: torch.device | str = "cpu", overrides: list[str] | None = None) -> RunModels:
-    """A stage-2 run directory → (config, denoiser with EMA or raw weights, autoencoder, text encoder).
-    `overrides` (key.path=value) change the run's config first, e.g. autoencoder.weights=ANOTHER."""
-    from ldmscale.config import apply_overrides
-
-    cfg = apply_overrides(read_run_config(run_dir), list(overrides or []))
-    state, _ = load_run_weights(run_dir, ema=ema, tag=tag)
-    models = build_run_models(cfg, device)
-    missing, unexpected = models.denoiser.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise KeyError(f"{run_dir}: the checkpoint does not fit the configured denoiser: missing "
-                       f"{missing[:5]}, unexpected {unexpected[:5]}")
-    return models

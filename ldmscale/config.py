@@ -120,7 +120,6 @@ class AutoencoderLossConfig:
     disc_lr: Optional[float] = None  # None: optim.lr
     eval_shards: list[str] = field(default_factory=list)  # held-out raw shards for PSNR/SSIM
     num_eval_samples: int = 64
-    inception_weights: Optional[str] = None  # torchvision inception_v3 state dict: rFID on the eval images
     num_grid_samples: int = 8
     estimate_scale_samples: int = 256  # images used to estimate the latent scale factor at the end
 
@@ -312,6 +311,26 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Sample quality of stage 2 (FID with pytorch-fid's Inception, CLIP score), in the loop and offline
+    (tools/evaluate.py); stage 1's rFID uses the same Inception (inception_weights)."""
+
+    every_steps: int = 0  # in-loop evaluation of the EMA weights; 0: never
+    num_images: int = 1000  # generated images per evaluation; image i uses seed `seed + i`
+    seed: int = 0
+    batch_size: int = 25  # generation and feature batch per rank
+    num_steps: int = 0  # sampler steps; 0: diffusion.num_sampling_steps
+    prompts: list[str] = field(default_factory=list)  # image i gets prompt i mod P; empty: trainer.sample_prompts
+    prompts_file: Optional[str] = None  # one prompt a line (instead of prompts)
+    reference_stats: Optional[str] = None  # pytorch-fid .npz (mu, sigma) from tools/fid_stats.py: FID needs it
+    # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or .safetensors); unset: pytorch-fid's own cache
+    # file ($TORCH_HOME/hub/checkpoints) when present, else no FID/rFID
+    inception_weights: Optional[str] = None
+    clip_model: str = "ViT-L-14"  # an open_clip architecture, or ldmscale-tiny-clip (fixed random weights)
+    clip_weights: Optional[str] = None  # open_clip weights file; unset: no CLIP score (tiny model aside)
+
+
+@dataclass
 class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
 
@@ -402,6 +421,7 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -463,6 +483,16 @@ def validate(cfg: Config) -> Config:
     for key in ("data.shuffle_window", "cache.read_timeout_s"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in ("eval.num_images", "eval.batch_size"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    if cfg.eval.every_steps and cfg.conditioner.kind not in ("text", "sdxl", "class", "none"):
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps}: in-loop FID needs a fixed prompt/class set, "
+                          f"which conditioner.kind={cfg.conditioner.kind!r} cannot use; set eval.every_steps=0")
+    if cfg.eval.every_steps and not (cfg.eval.reference_stats or cfg.eval.clip_weights
+                                     or cfg.eval.clip_model == "ldmscale-tiny-clip"):
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} measures nothing: set eval.reference_stats "
+                          "(FID, from tools/fid_stats.py) and/or eval.clip_weights (CLIP score)")
     for key in ("launcher.gpus_per_node", "launcher.tasks_per_node", "launcher.mem_gb",
                 "launcher.signal_delay_s", "launcher.max_num_timeout"):
         if _get(cfg, key) < 0:

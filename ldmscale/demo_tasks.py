@@ -18,7 +18,7 @@ from ldmscale.config import Config
 from ldmscale.data import synthetic
 from ldmscale.data.conditioning import box_mask, low_res_of
 from ldmscale.evaluation import psnr
-from ldmscale.sample import to_uint8
+from ldmscale.inference import to_uint8
 
 HELD_OUT_START = 10**8  # the pipeline's validation shards start here too
 GRID_COLUMNS = 12
@@ -44,17 +44,18 @@ class TaskEvaluator:
     def __init__(self, cfg: Config, models: Any, batch_size: int):
         self.cfg, self.models, self.batch_size = cfg, models, batch_size
         self.count = len(synthetic.eval_prompts()) * cfg.pipeline.eval_seeds_per_prompt
+        self.images: torch.Tensor | None = None  # every generated image [N,3,H,W] in [0,1], for FID / CLIP
+        self.prompts: list[str] | None = None  # their prompts (text task), for the CLIP score
 
     def generate(self, **inputs: Any) -> torch.Tensor:
-        from ldmscale.sample import generate
+        from ldmscale.inference import SampleInputs, SamplingSettings, generate
 
-        m, cfg = self.models, self.cfg
-        if not m.denoiser.conditioning.guidable:  # nothing to guide: these never drop a condition
-            inputs.setdefault("guidance_scale", 1.0)
-        return generate(m.denoiser, m.autoencoder, m.text_encoder, m.denoiser.conditioning,
-                        diffusion_cfg=cfg.diffusion, seeds=list(range(self.count)), height=cfg.data.resolution,
-                        width=cfg.data.resolution, trained_ucg_rate=cfg.conditioner.ucg_rate,
-                        batch_size=self.batch_size, **inputs).images
+        settings = SamplingSettings(seeds=list(range(self.count)), batch_size=self.batch_size,
+                                    # nothing to guide: these kinds never drop a condition
+                                    guidance_scale=None if self.models.denoiser.conditioning.guidable else 1.0)
+        self.images = generate(self.models, SampleInputs(**inputs), settings).images
+        self.prompts = list(inputs["prompts"]) if "prompts" in inputs else None
+        return self.images
 
     def run(self) -> tuple[dict[str, Any], str, list[torch.Tensor]]:
         name = self.cfg.conditioner.kind

@@ -449,7 +449,8 @@ def export_posthoc(run_dir: str | Path, sigma_rels: list[float], out_dir: str | 
     """Reconstruct each σ_rel from a run's snapshots and write it as the project's flat safetensors export
     (default RUN_DIR/export/denoiser_ema_sigma_rel_S.safetensors); buffers and frozen parameters, which
     the EMA does not average, come from the latest checkpoint's raw weights."""
-    from ldmscale.checkpoint import load_run_weights, run_checkpoint_dir, write_weights_export
+    from ldmscale.checkpoint import load_run_weights, write_weights_export
+    from ldmscale.runs import run_checkpoint_dir
 
     step, rebuilt = reconstruct(run_checkpoint_dir(run_dir) / SNAPSHOT_DIR, sigma_rels, step)
     raw, meta = load_run_weights(run_dir, ema=False)

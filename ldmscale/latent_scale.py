@@ -48,9 +48,9 @@ def of_weights(path: Optional[str | Path]) -> Optional[LatentScale]:
     if (path / SCALE_FILE).is_file():  # a stage-1 run directory
         data = json.loads((path / SCALE_FILE).read_text())
         return LatentScale(float(data["scale_factor"]), float(data["shift_factor"]), str(path / SCALE_FILE))
-    from ldmscale.stage1 import resolve_run_dir
+    from ldmscale.runs import autoencoder_path
 
-    path = resolve_run_dir(path)  # a finished stage-1 run → its export; an unfinished one raises, saying so
+    path = autoencoder_path(path)  # a finished stage-1 run → its export; an unfinished one raises, saying so
     for folder in (path, path / "vae"):
         config_file = folder / "config.json"
         if config_file.is_file():

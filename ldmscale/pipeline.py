@@ -123,30 +123,52 @@ class Pipeline:
     def evaluate(self) -> dict[str, Any]:
         """Generate the task's evaluation images from the EMA weights with fixed seeds, and score them."""
         from ldmscale.demo_tasks import GRID_COLUMNS, TaskEvaluator
-        from ldmscale.sample import load_models
+        from ldmscale.runs import load
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        models = load_models(self.unet_dir, ema=True, device=device)
-        scores, summary, rows = TaskEvaluator(models.cfg, models, self.cfg.pipeline.eval_batch_size).run()
+        models = load(self.unet_dir, ema=True, device=device)
+        evaluator = TaskEvaluator(models.cfg, models, self.cfg.pipeline.eval_batch_size)
+        scores, summary, rows = evaluator.run()
+        quality = self.sample_quality(evaluator.images, evaluator.prompts, device)
+        if quality:
+            summary += "; " + ", ".join(f"{k} {v:.4g}" for k, v in quality.items())
         grid_path = self.root / "samples.png"
         save_grid([im for row in rows for im in row], grid_path, columns=GRID_COLUMNS)
-        scores = {"task": models.cfg.conditioner.kind, **scores, "grid": str(grid_path)}
+        scores = {"task": models.cfg.conditioner.kind, **scores, **quality, "grid": str(grid_path)}
         print(f"[demo] {summary}", flush=True)
         if models.cfg.ema.enabled and models.cfg.ema.kind == "power":
             scores["posthoc_ema"] = self.evaluate_posthoc_ema(models.cfg, device)
         (self.root / "eval.json").write_text(json.dumps(scores, indent=2))
         return scores
 
+    def sample_quality(self, images: torch.Tensor, prompts: list[str] | None, device: str) -> dict[str, float]:
+        """FID of the evaluation images against the held-out images (data/val) and the CLIP score of the text
+        task's, when eval.inception_weights / eval.clip_weights (or the tiny CLIP) are set; else nothing."""
+        from ldmscale.evaluation import save_stats
+        from ldmscale.evaluation.generated import SampleEvaluator
+        from ldmscale.evaluation.reference import reference_statistics
+
+        quality = SampleEvaluator(self.cfg.eval, device)
+        if not quality.enabled:
+            return {}
+        if quality.inception is not None and quality.reference is None:
+            stats = reference_statistics([str(self.val_dir / "*.tar")], self.cfg.data.resolution, quality.inception)
+            quality.reference = stats.mean_cov()
+            save_stats(self.root / "fid_reference.npz", *quality.reference, int(stats.count))
+        pixels = images * 2 - 1
+        result = quality.evaluate(lambda indices: pixels[indices], len(pixels), prompts=prompts)
+        return {k: result[k] for k in ("fid", "clip_score") if k in result}
+
     def evaluate_posthoc_ema(self, cfg: Config, device: str) -> dict[str, Any]:
         """EDM2's post-hoc EMA: the same evaluation for each σ_rel in ema.posthoc_sigma_rels, reconstructed
         from the run's snapshots and exported (RUN_DIR/unet/export/) as tools/posthoc_ema.py would."""
         from ldmscale.demo_tasks import TaskEvaluator
         from ldmscale.ema import export_posthoc
-        from ldmscale.sample import load_models
+        from ldmscale.runs import load
 
         results = {}
         for sigma_rel, path in export_posthoc(self.unet_dir, list(cfg.ema.posthoc_sigma_rels)).items():
-            models = load_models(path, config=self.unet_dir / "config.json", device=device)
+            models = load(path, config=self.unet_dir / "config.json", device=device)
             scores, summary, _ = TaskEvaluator(models.cfg, models, self.cfg.pipeline.eval_batch_size).run()
             results[f"{sigma_rel:g}"] = {**scores, "export": str(path)}
             print(f"[demo] post-hoc EMA sigma_rel={sigma_rel:g}: {summary}", flush=True)
@@ -157,7 +179,7 @@ def save_grid(images: torch.Tensor | list[torch.Tensor], path: Path, columns: in
     """Images [3,H,W] in [0,1] → one PNG, `columns` per row."""
     from PIL import Image
 
-    from ldmscale.sample import to_pil
+    from ldmscale.inference import to_pil
 
     tiles = to_pil(torch.stack(list(images)))
     width, height = tiles[0].size

@@ -236,6 +236,9 @@ class AutoencoderTask:
         caption = f"top: input, bottom: reconstruction (PSNR {metrics['eval/psnr']:.2f} dB)"
         return [(result["grid_path"], caption)]
 
+    def evaluate_samples(self, step: int) -> dict[str, float]:
+        return {}  # stage 1's rFID comes with its reconstruction grids (sample)
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, out_dir: str | Path | None = None, tag: str = "") -> dict[str, Any]:
@@ -279,8 +282,8 @@ class AutoencoderTask:
         metrics: dict[str, Any] = {"eval/psnr": float(sums[0] / sums[2]), "eval/ssim": float(sums[1] / sums[2]),
                                    f"eval/psnr_bicubic{factor}x": float(sums[3] / sums[2])}
         if inception is not None:  # rFID: held-out images vs their reconstructions (a few thousand for stable values)
-            for t in real_stats.tensors + fake_stats.tensors:
-                _all_reduce_sum(t)
+            real_stats.all_reduce()
+            fake_stats.all_reduce()
             metrics["eval/rfid"] = evaluation.frechet_distance(*real_stats.mean_cov(), *fake_stats.mean_cov())
         if n_embed:
             _all_reduce_sum(code_counts)
@@ -292,11 +295,13 @@ class AutoencoderTask:
         return {"metrics": metrics, "grid_path": grid_path}
 
     def _inception(self) -> Optional[evaluation.InceptionFeatures]:
-        """The rFID network, built once, when ae_loss.inception_weights names a file."""
-        if not self.cfg.ae_loss.inception_weights:
+        """The rFID network (pytorch-fid's, as stage 2's FID), built once, when eval.inception_weights names a
+        file or pytorch-fid's cache holds its weights."""
+        weights = evaluation.resolve_inception_weights(self.cfg.eval.inception_weights)
+        if weights is None:
             return None
         if self._inception_net is None:
-            self._inception_net = evaluation.InceptionFeatures(self.cfg.ae_loss.inception_weights).to(self.device)
+            self._inception_net = evaluation.InceptionFeatures(weights).to(self.device)
         return self._inception_net
 
     def reconstruct(self, pixels: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -361,24 +366,13 @@ def bicubic_roundtrip(pixels: torch.Tensor, factor: int) -> torch.Tensor:
     return up.clamp(-1, 1)
 
 
-def resolve_run_dir(path: str | Path) -> Path:
-    """A stage-1 run directory → its exported autoencoder folder; other paths pass through unchanged."""
-    path = Path(path)
-    if (path / EXPORT_DIR).is_dir() and (path / LATENT_SCALE_FILE).is_file():
-        return path / EXPORT_DIR
-    if (path / "checkpoints").is_dir() and not (path / EXPORT_DIR).is_dir():
-        raise FileNotFoundError(
-            f"{path} is a stage-1 run without {path / EXPORT_DIR}: it is written when the run reaches "
-            "trainer.max_steps (re-running the same command resumes and writes it)")
-    return path
-
-
 def load_autoencoder_from_run(run_dir: str | Path) -> AutoencoderKL | VQModel:
     """A stage-1 run directory (or any path `ldmscale.models.interop.load_autoencoder` takes) → the
     trained autoencoder in eval mode, with the latent scale estimated at the end of training."""
     from ldmscale.models.interop import load_autoencoder
+    from ldmscale.runs import autoencoder_path
 
-    return load_autoencoder(resolve_run_dir(run_dir))
+    return load_autoencoder(autoencoder_path(run_dir))
 
 
 # ---------------------------------------------------------------------------- the stage-1 run

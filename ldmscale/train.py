@@ -120,6 +120,7 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
     from ldmscale.diffusion.objective import DiffusionObjective
     from ldmscale.distributed import engine as eng
     from ldmscale.ema import SNAPSHOT_DIR, build_ema
+    from ldmscale.evaluation.generated import LoopEvaluation
     from ldmscale.trainer import DiffusionTask, SampleGrid
 
     denoiser = build_training_denoiser(cfg, dist)
@@ -131,7 +132,8 @@ def build_diffusion_task(cfg: Config, dist: Any) -> tuple[Any, Any, int, float]:
                     max_steps=cfg.trainer.max_steps)
     task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), ema, conditioning=denoiser.conditioning,
                          ucg_rate=cfg.conditioner.ucg_rate, seed=cfg.seed, rank=dist.rank,
-                         sampler=SampleGrid(cfg) if cfg.trainer.sample_every_steps else None)
+                         sampler=SampleGrid(cfg) if cfg.trainer.sample_every_steps else None,
+                         evaluator=LoopEvaluation(cfg) if cfg.eval.every_steps else None)
     loader = build_loader(cfg.data, cfg.conditioner, cfg.autoencoder, seed=cfg.seed, rank=dist.rank,
                           world_size=dist.world_size)
     return task, loader, engine.gradient_accumulation_steps, flops
@@ -176,7 +178,8 @@ def _run_stage(cfg: Config, dist: Any) -> None:
         checkpointer = ckpt.Checkpointer(cfg.checkpoint)
         trainer = Trainer(task, loader, cfg.trainer, checkpointer=checkpointer, accumulation_steps=accumulation,
                           world_size=dist.world_size, run_dir=cfg.run_dir, meta={"config": to_dict(cfg)},
-                          flops_per_image=flops, peak_flops=detect_peak_flops(cfg.trainer.peak_flops))
+                          flops_per_image=flops, peak_flops=detect_peak_flops(cfg.trainer.peak_flops),
+                          eval_every_steps=cfg.eval.every_steps)
         trainer.resume()
         logger = build_logger(cfg.logger, cfg.run_dir, is_main=dist.is_main, config=to_dict(cfg),
                               total_steps=cfg.trainer.max_steps, initial_step=trainer.step, name=cfg.name)

@@ -38,6 +38,10 @@ class Task(Protocol):
         """Collective; writes sample grids and returns [(png path, caption)] (empty on non-main ranks)."""
         ...
 
+    def evaluate_samples(self, step: int) -> dict[str, float]:
+        """Collective; sample-quality metrics (FID, CLIP score) of the current weights, the same on all ranks."""
+        ...
+
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses."""
@@ -49,7 +53,8 @@ class Trainer:
     def __init__(self, task: Task, loader: Iterable[dict[str, Any]], cfg: TrainerConfig, *,
                  checkpointer: ckpt.Checkpointer, logger: NullLogger | None = None,
                  accumulation_steps: int = 1, world_size: int = 1, run_dir: str | Path = ".",
-                 meta: dict[str, Any] | None = None, flops_per_image: float = 0.0, peak_flops: float = 1e12):
+                 meta: dict[str, Any] | None = None, flops_per_image: float = 0.0, peak_flops: float = 1e12,
+                 eval_every_steps: int = 0):
         self.task, self.loader, self.cfg = task, loader, cfg
         self.checkpointer = checkpointer
         self.logger = logger or NullLogger()
@@ -57,6 +62,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.meta = meta or {}
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
+        self.eval_every_steps = eval_every_steps
         self.step = 0
         self.images_seen = 0
         self.epoch = 0
@@ -73,6 +79,7 @@ class Trainer:
             out = self.train_one_step()
             self.maybe_log(out)
             self.maybe_sample()
+            self.maybe_evaluate()
             save, stop = self.checkpointer.request.agreed() if self.should_sync(self.step) else (False, False)
             if self.check_nonfinite(out):
                 break
@@ -148,6 +155,13 @@ class Trainer:
         if every and self.step % every == 0:
             for path, caption in self.task.sample(self.step, self.run_dir / "samples"):
                 self.logger.log_image(self.step, "samples", path, caption)
+
+    def maybe_evaluate(self) -> None:
+        every = self.eval_every_steps
+        if every and self.step % every == 0:
+            metrics = self.task.evaluate_samples(self.step)
+            if metrics:
+                self.logger.log(self.step, metrics)
 
     def maybe_checkpoint(self, requested: bool = False) -> None:
         if requested or self.checkpointer.should_save(self.step):
@@ -297,6 +311,9 @@ class EngineTask:
     def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
         return []
 
+    def evaluate_samples(self, step: int) -> dict[str, float]:
+        return {}
+
 
 def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     if not torch.is_tensor(value):
@@ -312,13 +329,15 @@ class DiffusionTask(EngineTask):
     name = "denoiser"
 
     def __init__(self, engine: Any, objective: Any, ema: Any | None, *, conditioning: Any, ucg_rate: float,
-                 seed: int, rank: int, sampler: Any | None = None):
+                 seed: int, rank: int, sampler: Any | None = None,
+                 evaluator: Any | None = None):
         """conditioning: the kind (`ldmscale.conditioning.kind_for(cfg.conditioner)`): which batch keys the
         denoiser takes, any frozen encoding of cached token ids, and the CFG drop."""
         super().__init__(engine, ema, seed=seed, rank=rank)
         self.objective = objective
         self.conditioning, self.ucg_rate = conditioning, ucg_rate
         self.sampler = sampler  # builds EMA sample grids (SampleGrid)
+        self.evaluator = evaluator  # FID / CLIP score of the EMA weights (evaluation.LoopEvaluation)
 
     def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         """The engine in its compute dtype; the objective sees float32."""
@@ -338,9 +357,14 @@ class DiffusionTask(EngineTask):
             return []
         return self.sampler(self.ema, step, out_dir)
 
+    def evaluate_samples(self, step: int) -> dict[str, float]:
+        if self.evaluator is None or self.ema is None:
+            return {}
+        return self.evaluator(self.ema, step)
+
 
 class SampleGrid:
-    """Fixed prompts and seeds → EMA denoiser → ldmscale.sample.generate → one PNG grid (main rank writes)."""
+    """Fixed prompts and seeds → EMA denoiser → ldmscale.inference.generate → one PNG grid (main rank writes)."""
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -352,25 +376,22 @@ class SampleGrid:
         weights = ema.full_state_dict()  # collective: every rank takes part in the gather
         if not env.is_main():
             return []
-        from ldmscale.checkpoint import build_run_models
-        from ldmscale.sample import generate
+        from ldmscale.inference import SampleInputs, SamplingSettings, generate
+        from ldmscale.runs import build_models
 
         cfg = self.cfg
         prompts = list(cfg.trainer.sample_prompts)
         if self._models is None:
             device = next(iter(weights.values())).device
-            self._models = build_run_models(cfg, device=device)
-        conditioning = self._models.denoiser.conditioning
-        inputs = conditioning.grid_inputs(prompts)
+            self._models = build_models(cfg, device=device)
+        inputs = self._models.denoiser.conditioning.grid_inputs(prompts)
         if inputs is None:  # layout/sr/inpaint grids need per-image inputs
             return []
         denoiser = self._models.denoiser
         denoiser.load_state_dict(weights, strict=False)  # trainable parameters; buffers stay as built
-        generation = generate(denoiser, self._models.autoencoder, self._models.text_encoder, conditioning,
-                              diffusion_cfg=cfg.diffusion, seed=cfg.trainer.sample_seed, height=cfg.data.resolution,
-                              width=cfg.data.resolution, num_steps=cfg.trainer.sample_steps,
-                              trained_ucg_rate=cfg.conditioner.ucg_rate, batch_size=len(prompts),
-                              progress=False, **inputs)
+        settings = SamplingSettings(seed=cfg.trainer.sample_seed, num_steps=cfg.trainer.sample_steps,
+                                    batch_size=len(prompts), progress=False)
+        generation = generate(self._models, SampleInputs.of(inputs), settings)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:08d}.png"
         _save_row(generation.images, path)

@@ -40,3 +40,15 @@ def _require_slurm(request: pytest.FixtureRequest) -> None:
     if os.environ.get("LDMSCALE_REQUIRE_SLURM") == "1":
         pytest.fail(f"LDMSCALE_REQUIRE_SLURM=1 but {problem}", pytrace=False)
     pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def fid_inception_weights(tmp_path_factory: pytest.TempPathFactory):
+    """Random weights for pytorch-fid's Inception, saved once per session (real ones cannot be downloaded)."""
+    import torch
+
+    from ldmscale.evaluation.fid import random_inception_weights
+
+    path = tmp_path_factory.mktemp("fid") / "pt_inception_random.pth"
+    torch.save(random_inception_weights(seed=0), path)
+    return path

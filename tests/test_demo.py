@@ -27,15 +27,17 @@ def _run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # ~5 min alone on 2 cores; generous for a loaded CI machine
-def test_short_demo_follows_prompts_and_resumes(tmp_path):
+def test_short_demo_follows_prompts_and_resumes(tmp_path, fid_inception_weights):
     run_dir = tmp_path / "demo"
-    proc = _run(run_dir)
+    # FID / CLIP plumbing with random-weight networks (real ones: the same keys with real weight files)
+    proc = _run(run_dir, f"eval.inception_weights={fid_inception_weights}", "eval.clip_model=ldmscale-tiny-clip")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     scores = json.loads((run_dir / "eval.json").read_text())
     assert scores["num_images"] == 72
     assert scores["colour"] >= MIN_COLOUR, scores
     assert scores["shape"] >= MIN_SHAPE, scores
     assert scores["position"] >= MIN_POSITION, scores
+    assert scores["fid"] > 0 and 0 <= scores["clip_score"] <= 100, scores
     assert (run_dir / "samples.png").is_file()
     assert (run_dir / "unet" / "samples").is_dir()  # periodic EMA grids during training
     assert list((run_dir / "unet" / "wandb").glob("offline-run-*"))

@@ -244,8 +244,8 @@ def test_resume_with_power_ema_is_bit_identical(straight_runs, tmp_path):
 def test_posthoc_tool_and_demo_eval_on_a_real_run(tmp_path):
     """The tiny text-to-image model, 1 rank, ema.kind=power → tools/posthoc_ema.py → python -m ldmscale.sample,
     and the demo's post-hoc evaluation (one score set per σ_rel)."""
-    from ldmscale.checkpoint import read_run_config
     from ldmscale.pipeline import Pipeline
+    from ldmscale.runs import read_config
     from tests._train_helpers import make_cached_shards
     from tests.test_training_export import train_cmd
 
@@ -271,7 +271,7 @@ def test_posthoc_tool_and_demo_eval_on_a_real_run(tmp_path):
             "--out", str(out), "--no-progress"])
     assert (out / "grid.png").is_file()
 
-    cfg = read_run_config(run)
+    cfg = read_config(run / "config.json")
     cfg.run_dir = str(tmp_path)
     results = Pipeline(cfg, []).evaluate_posthoc_ema(cfg, "cpu")
     assert sorted(results) == ["0.05", "0.2"]

@@ -16,13 +16,24 @@ from ldmscale.config import (
 )
 from ldmscale.diffusion.samplers import generators_for_seeds, randn, sample
 from ldmscale.diffusion.schedules import Schedule
-from ldmscale.sample import generate, main
+from ldmscale.inference import SampleInputs, SamplingSettings, generate
+from ldmscale.runs import Run
+from ldmscale.sample import main
 
 models = pytest.importorskip("ldmscale.models")
 
 UNET = dict(model_channels=16, channel_mult=[1, 2], attention_resolutions=[2], num_head_channels=8, norm_num_groups=8,
             context_dim=64)
 DIFFUSION = DiffusionConfig(sampler="ddim", num_sampling_steps=4, guidance_scale=3.0)
+
+
+def gen(parts, kind, *, diffusion_cfg, trained_ucg_rate=0.1, num_classes=0, **kwargs):
+    """generate() for loose models: the run's config holds the kind, process and training dropout rate."""
+    cfg = Config()
+    cfg.diffusion = diffusion_cfg
+    cfg.conditioner = ConditionerConfig(kind=kind, ucg_rate=trained_ucg_rate, num_classes=num_classes)
+    inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in SampleInputs.__dataclass_fields__}
+    return generate(Run(cfg, *parts), SampleInputs(**inputs), SamplingSettings(**kwargs))
 
 
 def _unzero(module):
@@ -52,7 +63,7 @@ def text_models():
 def test_same_seed_same_images_and_batching_does_not_matter(text_models):
     prompts = ["a red circle", "a blue square", "two green triangles"]
     def run(batch_size, seed=7):
-        return generate(*text_models, "text", diffusion_cfg=DIFFUSION, prompts=prompts, seed=seed, height=16,
+        return gen(text_models, "text", diffusion_cfg=DIFFUSION, prompts=prompts, seed=seed, height=16,
                         width=24, progress=False, trained_ucg_rate=0.1, batch_size=batch_size)
 
     first = run(batch_size=3)
@@ -67,7 +78,7 @@ def test_same_seed_same_images_and_batching_does_not_matter(text_models):
 def test_guidance_one_equals_conditional_sampling(text_models):
     denoiser, autoencoder, text_encoder = text_models
     prompts = ["a red circle", "a blue square"]
-    out = generate(denoiser, autoencoder, text_encoder, "text", diffusion_cfg=DIFFUSION, prompts=prompts,
+    out = gen((denoiser, autoencoder, text_encoder), "text", diffusion_cfg=DIFFUSION, prompts=prompts,
                    guidance_scale=1.0, seed=3, height=16, width=16, progress=False)
     encoding = text_encoder.encode(prompts)
     cond = {"context": encoding.tokens, "context_mask": encoding.mask, "pooled": encoding.pooled}
@@ -78,38 +89,38 @@ def test_guidance_one_equals_conditional_sampling(text_models):
                           schedule=Schedule.from_config(DIFFUSION.schedule), prediction_type="eps",
                           generator=gens)
     assert torch.equal(out.latents, expected)
-    guided = generate(denoiser, autoencoder, text_encoder, "text", diffusion_cfg=DIFFUSION, prompts=prompts,
+    guided = gen((denoiser, autoencoder, text_encoder), "text", diffusion_cfg=DIFFUSION, prompts=prompts,
                       guidance_scale=5.0, seed=3, height=16, width=16, progress=False)
     assert not torch.allclose(guided.latents, expected)
 
 
 def test_guidance_refused_without_unconditional_training(text_models):
     with pytest.raises(ValueError, match="ucg_rate=0"):
-        generate(*text_models, "text", diffusion_cfg=DIFFUSION, prompts=["x"], guidance_scale=4.0,
+        gen(text_models, "text", diffusion_cfg=DIFFUSION, prompts=["x"], guidance_scale=4.0,
                  trained_ucg_rate=0.0, height=16, width=16, progress=False)
 
 
 def test_class_layout_and_sr_conditioning():
     denoiser, autoencoder, _ = _models("class", num_classes=5)
-    out = generate(denoiser, autoencoder, None, "class", diffusion_cfg=DIFFUSION, class_labels=[0, 4],
+    out = gen((denoiser, autoencoder, None), "class", diffusion_cfg=DIFFUSION, class_labels=[0, 4],
                    num_classes=5, images_per_condition=2, height=16, width=16, progress=False)
     assert out.images.shape == (4, 3, 16, 16) and out.settings["class_ids"] == [0, 0, 4, 4]
 
     denoiser, autoencoder, _ = _models("layout", num_classes=5)
     boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0]], [[0.2, 0.3, 0.9, 0.8], [0.0, 0.0, 0.3, 0.3]]])
-    out = generate(denoiser, autoencoder, None, "layout", diffusion_cfg=DIFFUSION, boxes=boxes,
+    out = gen((denoiser, autoencoder, None), "layout", diffusion_cfg=DIFFUSION, boxes=boxes,
                    box_classes=torch.tensor([[1, -1], [2, 3]]), height=16, width=16, progress=False)
     assert out.images.shape == (2, 3, 16, 16) and torch.isfinite(out.latents).all()
 
     denoiser, autoencoder, _ = _models("sr")
     low_res = torch.rand(2, 3, 8, 8) * 2 - 1
     with pytest.warns(UserWarning, match="guidance_scale=3.0 ignored"):  # the config default cannot apply
-        a = generate(denoiser, autoencoder, None, "sr", diffusion_cfg=DIFFUSION, low_res=low_res, height=32,
+        a = gen((denoiser, autoencoder, None), "sr", diffusion_cfg=DIFFUSION, low_res=low_res, height=32,
                      width=32, progress=False)
-    b = generate(denoiser, autoencoder, None, "sr", diffusion_cfg=DIFFUSION, low_res=-low_res, height=32,
+    b = gen((denoiser, autoencoder, None), "sr", diffusion_cfg=DIFFUSION, low_res=-low_res, height=32,
                  width=32, progress=False, guidance_scale=1.0)
     with pytest.raises(ValueError, match="nothing to guide"):
-        generate(denoiser, autoencoder, None, "sr", diffusion_cfg=DIFFUSION, low_res=low_res, height=32,
+        gen((denoiser, autoencoder, None), "sr", diffusion_cfg=DIFFUSION, low_res=low_res, height=32,
                  width=32, progress=False, guidance_scale=3.0)
     assert a.images.shape == (2, 3, 32, 32) and not torch.allclose(a.latents, b.latents)
 
@@ -119,12 +130,12 @@ def test_inpainting_concat_model_and_blending():
     mask = torch.zeros(2, 1, 16, 16)
     mask[..., 4:12, 4:12] = 1
     denoiser, autoencoder, _ = _models("inpaint")
-    out = generate(denoiser, autoencoder, None, "inpaint", diffusion_cfg=DIFFUSION, image=image, mask=mask,
+    out = gen((denoiser, autoencoder, None), "inpaint", diffusion_cfg=DIFFUSION, image=image, mask=mask,
                    height=16, width=16, progress=False, guidance_scale=1.0)
     assert out.images.shape == (2, 3, 16, 16) and out.settings["inpainting"] == "concat"
 
     denoiser, autoencoder, _ = _models("none")
-    out = generate(denoiser, autoencoder, None, "none", diffusion_cfg=DIFFUSION, image=image, mask=mask,
+    out = gen((denoiser, autoencoder, None), "none", diffusion_cfg=DIFFUSION, image=image, mask=mask,
                    height=16, width=16, progress=False, seed=5, guidance_scale=1.0)
     assert out.settings["inpainting"] == "blend"
     with torch.no_grad():
@@ -169,7 +180,7 @@ def test_cli_from_run_dir(tmp_path):
         again = np.asarray(Image.open(tmp_path / "again" / "images" / f"{i:06d}.png"), dtype=np.int16)
         assert np.abs(again - np.asarray(Image.open(out_dir / "images" / f"{i:06d}.png"), dtype=np.int16)).max() <= 1
     # explicit per-image seeds through the library entry point: seeds 11 and 13 are images 0 and 2 above
-    from ldmscale.sample import generate_from_run
+    from ldmscale.inference import generate_from_run
 
     with pytest.warns(UserWarning):
         pil = generate_from_run(run_dir, class_labels=[0, 3], seeds=[11, 13], guidance_scale=2.5, width=24,

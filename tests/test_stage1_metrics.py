@@ -87,17 +87,3 @@ def test_feature_stats_merge_across_batches_like_numpy_cov():
     mean, cov = stats.mean_cov()
     torch.testing.assert_close(mean, features.mean(0))
     torch.testing.assert_close(cov, torch.from_numpy(np.cov(features.numpy(), rowvar=False)))
-
-
-def test_inception_features_load_local_weights_and_name_a_missing_file(tmp_path):
-    from torchvision.models import inception_v3
-
-    path = tmp_path / "inception.pth"  # random weights stand in for the real file (no downloads here)
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), path)
-    net = evaluation.InceptionFeatures(path)
-    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
-    features = net(pixels)
-    assert features.shape == (2, 2048) and features.dtype == torch.float64
-    torch.testing.assert_close(net(pixels), features)  # inference mode: deterministic
-    with pytest.raises(FileNotFoundError, match="ae_loss.inception_weights"):
-        evaluation.InceptionFeatures(tmp_path / "missing.pth")

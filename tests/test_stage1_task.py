@@ -136,13 +136,10 @@ def test_two_rank_zero2_vq(shards, tmp_path):
     torch.testing.assert_close(exported.quantize.codebook(), basis @ proj.t())
 
 
-def test_rfid_is_logged_when_inception_weights_are_given(shards, tmp_path):
-    from torchvision.models import inception_v3
-
-    weights = tmp_path / "inception.pth"  # random weights: the metric's plumbing, not its calibration
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), weights)
+def test_rfid_is_logged_when_inception_weights_are_given(shards, tmp_path, fid_inception_weights):
+    weights = fid_inception_weights  # random weights: the metric's plumbing, not its calibration
     run_dir = tmp_path / "rfid"
     run_stage1(tiny_overrides(shards, run_dir, "trainer.max_steps=2", "trainer.sample_every_steps=2",
-                              f"ae_loss.inception_weights={weights}"))
+                              f"eval.inception_weights={weights}"))
     evals = [r for r in read_metrics(run_dir) if "eval/psnr" in r]
     assert evals and all(r["eval/rfid"] > 0 for r in evals)  # an untrained decoder is far from the data

@@ -1,4 +1,4 @@
-"""Periodic sample grids: the EMA weights through ldmscale.sample.generate, one PNG per call."""
+"""Periodic sample grids: the EMA weights through ldmscale.inference.generate, one PNG per call."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from PIL import Image
 
 from ldmscale.config import compose
 from ldmscale.ema import PartitionedEMA
+from ldmscale.inference import SampleInputs, SamplingSettings, generate
 from ldmscale.models import build_denoiser
-from ldmscale.sample import generate
+from ldmscale.runs import Run
 from ldmscale.trainer import SampleGrid
 
 
@@ -33,9 +34,10 @@ def test_sample_grid_is_generate_on_the_ema_weights(tmp_path):
     reference = build_denoiser(cfg.model, cfg.conditioner)
     reference.load_state_dict(ema.full_state_dict(), strict=False)
     models = grid._models
-    expected = generate(reference, models.autoencoder, models.text_encoder, "text", diffusion_cfg=cfg.diffusion,
-                        prompts=list(cfg.trainer.sample_prompts), seed=cfg.trainer.sample_seed, height=32, width=32,
-                        num_steps=3, trained_ucg_rate=cfg.conditioner.ucg_rate, progress=False).images
+    expected = generate(Run(cfg, reference, models.autoencoder, models.text_encoder),
+                        SampleInputs(prompts=list(cfg.trainer.sample_prompts)),
+                        SamplingSettings(seed=cfg.trainer.sample_seed, height=32, width=32, num_steps=3,
+                                         progress=False)).images
     row = (torch.cat(list(expected), dim=2).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(image, row)
     grid(ema, 8, tmp_path)

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from ldmscale import ema as ema_module
-from ldmscale.checkpoint import Checkpointer, load_run_models, load_run_weights, load_weights, read_run_config
+from ldmscale.checkpoint import Checkpointer, load_run_weights, load_weights
 from ldmscale.distributed.env import free_port
 from ldmscale.ema import PartitionedEMA, assemble_partitions
+from ldmscale.runs import load as load_run_models
+from ldmscale.runs import read_config
 from tests.test_training_dist import ROOT, dist_env, losses, run_ok, torchrun_cmd
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -173,7 +175,7 @@ def test_load_run_models_and_every_export_format(real_runs, tmp_path):
 def test_world_size_change_through_the_export_the_error_names(real_runs, tmp_path):
     """2 ranks → the resume refuses with a command → run it → a 1-rank run starts from those weights."""
     run = real_runs[1]
-    cfg = read_run_config(run)
+    cfg = read_config(run / "config.json")
     with pytest.raises(RuntimeError, match="saved by 2 ranks and this run has 1") as error:
         Checkpointer(cfg.checkpoint, run / "checkpoints").load(f"step_{STEPS:08d}", {})
     command = re.search(r"\((python tools/export_checkpoint\.py [^)]*)\)", str(error.value)).group(1)

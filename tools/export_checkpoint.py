@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ldmscale.checkpoint import load_run_models, load_run_weights, write_weights_export  # noqa: E402
+from ldmscale.checkpoint import load_run_weights, write_weights_export  # noqa: E402
 from ldmscale.config import to_dict  # noqa: E402
-from ldmscale.sample import DENOISER_EXTRAS, RUN_CONFIG  # noqa: E402
+from ldmscale.runs import DENOISER_EXTRAS, RUN_CONFIG, load  # noqa: E402
 
 FORMATS = ("safetensors", "ldmscale", "diffusers", "ldm")
 
@@ -44,7 +44,7 @@ def export(run_dir: str | Path, out: str | Path, *, ema: bool = True, format: st
         raise ValueError(f"--format {format!r} is not one of {list(FORMATS)}")
     from ldmscale.models import save_autoencoder, save_unet
 
-    models = load_run_models(run_dir, ema=ema, tag=tag)
+    models = load(run_dir, ema=ema, tag=tag)
     extras = {k: v for k, v in models.denoiser.state_dict().items() if not k.startswith("unet.")}
     if extras:
         if format != "ldmscale":

@@ -135,9 +135,9 @@ def weights_source_fingerprint(path: Optional[str], pipeline_part: str = "vae") 
         return f"file sha256:{file_sha256(path)}"
     if not os.path.isdir(path):
         return f"missing: {path}"
-    from ldmscale.stage1 import resolve_run_dir
+    from ldmscale.runs import autoencoder_path
 
-    folder = resolve_run_dir(path)
+    folder = autoencoder_path(path)
     if (folder / "model_index.json").is_file() and (folder / pipeline_part).is_dir():
         folder = folder / pipeline_part
     digest = hashlib.sha256()

@@ -4,8 +4,8 @@ masked-image latent (inpainting).
 Both are made where the image is encoded, by the cache job (or the online loader, which shares its code),
 so training needs no encoder: the cache stores `low_res` [3,H/f,W/f] in pixels, or `inpaint_mask`
 [1,h,w] at latent resolution plus `masked_moments` [M,h,w], the autoencoder's moments of the masked image.
-Sampling (`ldmscale.sample`) builds the same inputs from a user's image with the same functions. Which kind
-needs which is decided in `ldmscale.conditioning`.
+Sampling (`ldmscale.inference`) builds the same inputs from a user's image with the same functions. Which
+kind needs which is decided in `ldmscale.conditioning`.
 """
 
 from __future__ import annotations

@@ -230,13 +230,10 @@ class TextEncoder(nn.Module):
         return out
 
 
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    from ldmscale.runs import read_weights  # the one reader of weights files (never unpickles code)
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
+    return read_weights(path, what="conditioner text weights")
 
 
 def build_text_encoder(cond_cfg, device: torch.device | str | None = None,

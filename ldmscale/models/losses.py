@@ -42,14 +42,9 @@ def _load_state(path: str | Path, what: str, config_key: str) -> dict[str, torch
             f"{what} weights not found at {str(path)!r} ({config_key}); LPIPS needs local weight files "
             "(nothing is downloaded). Give the path, or set ae_loss.perceptual_weight=0 to train without LPIPS."
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ldmscale.runs import read_weights
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return state
+    return read_weights(path, what=config_key)
 
 
 class LPIPS(nn.Module):

@@ -1,4 +1,4 @@
-"""Reconstruction metrics for stage 1: PSNR, SSIM, VQ codebook usage/perplexity, image grids as PNG.
+"""Reconstruction metrics: PSNR, SSIM, VQ codebook usage/perplexity, image grids as PNG.
 
 Pure tensor functions on pixels in [-1, 1] (data range 2); callers reduce across ranks themselves.
 """
@@ -88,81 +88,3 @@ def save_grid(rows: list[torch.Tensor], path: str | Path) -> Path:
     Image.fromarray(make_grid(rows).numpy()).save(tmp, format="PNG")
     tmp.replace(path)
     return path
-
-
-# ---------------------------------------------------------------------------- rFID
-class InceptionFeatures(torch.nn.Module):
-    """torchvision Inception-v3 pool features (2048-d) for FID, from a local state dict (nothing downloaded).
-
-    Published FIDs use the TF-ported "pt_inception-2015-12-05" network of pytorch-fid, whose blocks differ
-    slightly; with torchvision's ImageNet weights the numbers rank models the same but are not comparable
-    with papers' FIDs.
-    """
-
-    def __init__(self, weights: str | Path):
-        super().__init__()
-        from torchvision.models import inception_v3
-
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"ae_loss.inception_weights={str(weights)!r}: no such file (a torchvision "
-                                    "inception_v3 state dict, .pth or .safetensors); unset it to skip rFID")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
-        net.load_state_dict(state)
-        net.fc = torch.nn.Identity()
-        net.AuxLogits = None  # type: ignore[assignment]
-        net.aux_logits = False
-        self.net = net.eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True) -> InceptionFeatures:
-        return super().train(False)  # frozen: batch norm in inference mode always
-
-    @torch.no_grad()
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [B,3,H,W] in [-1,1] → [B,2048] float64 (resized to 299², ImageNet-normalised)."""
-        x = (pixels.float().clamp(-1, 1) + 1) / 2
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net((x - self.mean) / self.std).double()
-
-
-class FeatureStats:
-    """Running sums of features (count, Σf, Σffᵀ): mergeable across batches and ranks (all-reduce `.tensors`)."""
-
-    def __init__(self, dim: int = 2048):
-        self.count = torch.zeros((), dtype=torch.float64)
-        self.sum = torch.zeros(dim, dtype=torch.float64)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
-
-    def update(self, features: torch.Tensor) -> None:
-        f = features.detach().double().cpu()
-        self.count += f.shape[0]
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
-
-    @property
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.count, self.sum, self.outer]
-
-    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.count
-        mean = self.sum / n
-        cov = (self.outer - n * torch.outer(mean, mean)) / (n - 1).clamp_min(1)  # unbiased, as numpy.cov
-        return mean, cov
-
-
-def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
-    """‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), with tr((Σ1Σ2)^½) = Σ√λ(Σ1^½ Σ2 Σ1^½) (symmetric, no scipy)."""
-    mu1, mu2, cov1, cov2 = (t.double() for t in (mu1, mu2, cov1, cov2))
-    vals, vecs = torch.linalg.eigh((cov1 + cov1.T) / 2)
-    root1 = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
-    middle = root1 @ cov2 @ root1
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
-    return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt)
