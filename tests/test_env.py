@@ -71,3 +71,16 @@ def test_export_sets_deepspeed_variables_and_threads():
                    "SLURM_JOB_NODELIST": "h1"}, ["x"]), environ)
     assert environ["RANK"] == "1" and environ["WORLD_SIZE"] == "2" and environ["LOCAL_RANK"] == "1"
     assert environ["MASTER_ADDR"] == "h1" and int(environ["OMP_NUM_THREADS"]) >= 1
+
+
+def test_submitit_task_ignores_rank_variables_inherited_from_the_submitting_shell():
+    """sbatch exports the submitter's environment: a stale RANK=0 WORLD_SIZE=1 (left by a process that ran
+    torch.distributed) made every task rank 0 of 1, and the second one failed to bind the store's port."""
+    environ = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29777",
+               "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+               "SLURM_LOCALID": "1", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "localhost",
+               "SUBMITIT_EXECUTOR": "slurm"}
+    dist = detect(environ, argv=[])
+    assert (dist.launcher, dist.rank, dist.world_size, dist.local_rank) == ("submitit", 1, 2, 1)
+    # and the rendezvous is this job's own: two sweep jobs on one node must not share an inherited port
+    assert (dist.master_addr, dist.master_port) == ("localhost", port_from_job_id("7"))

@@ -87,11 +87,16 @@ def detect(environ: Mapping[str, str] | None = None, argv: list[str] | None = No
     get = environ.get
 
     argv_local = _local_rank_from_argv(argv)
-    if "RANK" in environ and "WORLD_SIZE" in environ:
+    in_slurm_step = "SLURM_PROCID" in environ and ("SLURM_STEP_NUM_TASKS" in environ or "SLURM_NTASKS" in environ)
+    if in_slurm_step and "SUBMITIT_EXECUTOR" in environ:
+        # A submitit task: sbatch hands on the submitting shell's environment, so RANK/WORLD_SIZE there are
+        # stale (e.g. submitted from a process that ran torch.distributed); SLURM's own variables are not.
+        launcher = "submitit"
+    elif "RANK" in environ and "WORLD_SIZE" in environ:
         # torchrun, the deepspeed launcher (which adds --local_rank), or variables exported by hand.
         launcher = "deepspeed" if argv_local is not None else "torchrun"
-    elif "SLURM_PROCID" in environ and ("SLURM_STEP_NUM_TASKS" in environ or "SLURM_NTASKS" in environ):
-        launcher = "submitit" if "SUBMITIT_EXECUTOR" in environ else "srun"
+    elif in_slurm_step:
+        launcher = "srun"
     else:
         launcher = "python"
 
@@ -103,10 +108,13 @@ def detect(environ: Mapping[str, str] | None = None, argv: list[str] | None = No
         nodes = max(1, int(get("SLURM_JOB_NUM_NODES", get("SLURM_NNODES", "1"))))
         local_world_size = int(get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or max(1, world_size // nodes)
         hosts = expand_nodelist(get("SLURM_JOB_NODELIST", get("SLURM_NODELIST", "127.0.0.1")))
-        master_addr = get("MASTER_ADDR", hosts[0] if hosts else "127.0.0.1")
         # SLURM_JOB_ID, not SLURM_ARRAY_JOB_ID: array tasks (sweep points) sharing a node need their
         # own ports, and every task of one array element shares its SLURM_JOB_ID.
-        master_port = int(get("MASTER_PORT", port_from_job_id(get("SLURM_JOB_ID", "0"))))
+        own_addr, own_port = hosts[0] if hosts else "127.0.0.1", port_from_job_id(get("SLURM_JOB_ID", "0"))
+        if launcher == "submitit":  # MASTER_* here came from the submitting shell: stale, shared by every job
+            master_addr, master_port = own_addr, own_port
+        else:  # an sbatch script may set them for its srun on purpose
+            master_addr, master_port = get("MASTER_ADDR", own_addr), int(get("MASTER_PORT", own_port))
     elif launcher == "python":
         rank, world_size, local_rank, local_world_size = 0, 1, 0, 1
         master_addr = get("MASTER_ADDR", "127.0.0.1")
