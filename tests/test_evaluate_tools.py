@@ -87,7 +87,9 @@ def test_fid_stats_then_evaluate_a_run_dir(tmp_path, fid_inception_weights):
     with pytest.warns(UserWarning):
         models = load(run_dir)
     fid, clip = _direct_scores(cfg, models.denoiser, models, (mu, sigma), inception)
-    assert result["fid"] == pytest.approx(fid, rel=1e-5) and result["clip_score"] == pytest.approx(clip, rel=1e-5)
+    # 4 images against 2,048 features: singular covariances amplify float32 differences between batchings
+    # of the same images (~2e-5 seen); wrong images or seeds move the FID by far more.
+    assert result["fid"] == pytest.approx(fid, rel=1e-4) and result["clip_score"] == pytest.approx(clip, rel=1e-5)
 
 
 @pytest.mark.slow

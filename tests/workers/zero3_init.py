@@ -52,7 +52,7 @@ def main() -> None:
     # The partitioned module trains as it is: DeepSpeed's ZeRO-3 engine takes it, one real step.
     engine = eng.initialize(denoiser, cfg.deepspeed, cfg.optim, micro_batch_size=1,
                             global_batch_size=dist.world_size, world_size=dist.world_size, max_steps=1)
-    task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), None, cond_kind=cfg.conditioner.kind,
+    task = DiffusionTask(engine, DiffusionObjective(cfg.diffusion), None, conditioning=denoiser.conditioning,
                          ucg_rate=0.0, seed=cfg.seed, rank=dist.rank)
     latents, _, cond = example_inputs(cfg, batch=1, device="cpu")
     batch = {"latents": torch.randn(latents.shape), **{k: torch.randn(v.shape) for k, v in cond.items()}}
