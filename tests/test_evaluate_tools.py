@@ -13,13 +13,13 @@ from safetensors.torch import save_file
 from ldmscale.config import compose, save_resolved
 from ldmscale.data.pixels import PixelShardDataset
 from ldmscale.data.synthetic import write_shards
-from ldmscale.ema import PartitionedEMA
 from ldmscale.evaluation import FeatureStats, InceptionFeatures, frechet_distance, load_stats
 from ldmscale.evaluation.clip_score import TINY_CLIP_MODEL, CLIPScorer
 from ldmscale.evaluation.generated import LoopEvaluation
 from ldmscale.inference import SampleInputs, SamplingSettings, generate
 from ldmscale.models import build_denoiser
 from ldmscale.runs import Run
+from tests._train_helpers import ema_that_differs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import evaluate as evaluate_tool  # noqa: E402
@@ -105,11 +105,7 @@ def test_loop_evaluation_scores_the_ema_weights(tmp_path, fid_inception_weights)
     torch.manual_seed(0)
     denoiser = build_denoiser(cfg.model, cfg.conditioner)
     _unzero(denoiser)
-    ema = PartitionedEMA(denoiser, decay=0.5)
-    with torch.no_grad():
-        for p in denoiser.parameters():
-            p.add_(0.01)
-    ema.update(step=1)  # the EMA now differs from the live weights
+    ema = ema_that_differs(denoiser)
     loop = LoopEvaluation(cfg)
     metrics = loop(ema, 1)
     assert set(metrics) == {"eval/fid", "eval/clip_score"}

@@ -7,22 +7,18 @@ import torch
 from PIL import Image
 
 from ldmscale.config import compose
-from ldmscale.ema import PartitionedEMA
 from ldmscale.inference import SampleInputs, SamplingSettings, generate
 from ldmscale.models import build_denoiser
 from ldmscale.runs import Run
 from ldmscale.trainer import SampleGrid
+from tests._train_helpers import ema_that_differs
 
 
 def test_sample_grid_is_generate_on_the_ema_weights(tmp_path):
     cfg = compose(["trainer.sample_steps=3", "trainer.sample_prompts=[a red circle,a blue square]"])
     torch.manual_seed(0)
     denoiser = build_denoiser(cfg.model, cfg.conditioner)
-    ema = PartitionedEMA(denoiser, decay=0.5)
-    with torch.no_grad():
-        for p in denoiser.parameters():
-            p.add_(0.01)
-    ema.update(step=1)  # the EMA now differs from the live weights
+    ema = ema_that_differs(denoiser)
 
     grid = SampleGrid(cfg)
     [(path, caption)] = grid(ema, 7, tmp_path)
