@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
 import signal
 import warnings
 import zlib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,33 +31,11 @@ import torch
 import torch.distributed as tdist
 
 from ldmscale.config import CheckpointConfig
+from ldmscale.runs import CheckpointError, load_data, read_weights, write_weights  # the weights-file layer
 
 LATEST = "latest"
 META = "meta.json"
 _CHUNK = 16 << 20  # checksum read size: large sequential reads, bounded memory
-_torch_load = torch.load  # the real one: engine.py may patch torch.load to call load_data while DeepSpeed reads
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file or folder that cannot be trusted or read; the message names it."""
-
-
-def load_data(path: str | Path, *, map_location: Any = "cpu", allowed: Iterable[type] = (), **kwargs: Any) -> Any:
-    """torch.load as data only: tensors and plain containers, plus the `allowed` classes; never code.
-
-    A pickle payload, a truncated or corrupt file raises CheckpointError naming the file.
-    """
-    kwargs.pop("weights_only", None)  # callers inside DeepSpeed pass weights_only=False: overruled
-    kwargs.pop("pickle_module", None)
-    try:
-        with torch.serialization.safe_globals(list(allowed)):
-            return _torch_load(path, map_location=map_location, weights_only=True, **kwargs)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        # torch's weights-only message buries the offending global after a paragraph of advice
-        reason = next((line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line), lines[0])[:300]
-        raise CheckpointError(f"{path}: refused to load ({reason}); run-directory files are read as data "
-                              "only (weights_only), so a file holding code or a corrupt file stops here") from err
 
 
 class _Engine(Protocol):
@@ -236,11 +212,20 @@ def complete_tags(ckpt_dir: str | Path) -> list[str]:
 
 def candidate_tags(ckpt_dir: str | Path) -> tuple[list[str], list[str]]:
     """(complete checkpoints to try, best first; warnings). `latest`'s target, then older ones; newest
-    first when `latest` is missing or names a folder that is gone."""
+    first when `latest` is missing or names a folder that is gone.
+
+    A complete checkpoint after `latest` whose meta.json is younger than `latest` was saved after it was
+    last moved: a crash between the two writes. It is tried first. One older than `latest` was abandoned
+    (`latest` moved back by hand, or a resume from an older one): it is not."""
     tags = complete_tags(ckpt_dir)
     latest, notes = latest_tag(ckpt_dir), []
     if latest in tags:
-        return [t for t in reversed(tags) if t <= latest], notes
+        moved = (Path(ckpt_dir) / LATEST).stat().st_mtime_ns
+        unpointed = [t for t in tags if t > latest and (Path(ckpt_dir) / t / META).stat().st_mtime_ns > moved]
+        if unpointed:
+            notes.append(f"{Path(ckpt_dir) / unpointed[-1]} is complete and was saved after {LATEST} "
+                         f"({latest!r}) last moved (a crash between the two writes): trying it first")
+        return [t for t in reversed(tags) if t <= (unpointed[-1] if unpointed else latest)], notes
     if latest is not None:
         notes.append(f"{Path(ckpt_dir) / LATEST} names {latest!r}, which is missing or incomplete")
     elif tags:
@@ -390,7 +375,6 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
 
         load_unet_weights(module.unet, path)
         return
-    from ldmscale.runs import read_weights
 
     state = read_weights(path, what="checkpoint.load_weights_only")
     missing, unexpected = module.load_state_dict(state, strict=False)
@@ -447,11 +431,9 @@ def write_weights_export(state: dict[str, torch.Tensor], out: str | Path, *, wei
                          source: str | Path, config: dict[str, Any]) -> Path:
     """The flat safetensors export that sampling, evaluation and checkpoint.load_weights_only read: a
     Denoiser state dict, with metadata naming the weights (ema, raw, ...), the step, the run and its config."""
-    from ldmscale.models.interop import save_tensors  # not 0600, as safetensors' own save_file writes
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"weights": weights, "step": str(step), "source": str(Path(source).resolve()),
             "config": json.dumps(config, default=str)}
-    save_tensors({k: v.contiguous() for k, v in state.items()}, out, metadata=info)
+    write_weights({k: v.contiguous() for k, v in state.items()}, out, metadata=info)
     return out

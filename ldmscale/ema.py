@@ -317,13 +317,13 @@ def snapshot_name(step: int, sigma_rel: float) -> str:
 def write_snapshot(path: Path, weights: dict[str, torch.Tensor], *, step: int, sigma_rel: float,
                    gamma: float) -> None:
     """An fp16 safetensors file of one profile at one step; written to a temporary name, then renamed."""
-    from safetensors.torch import save_file
+    from ldmscale.runs import write_weights
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in weights.items()}
-    save_file(tensors, str(tmp), metadata={"step": str(step), "sigma_rel": repr(float(sigma_rel)),
-                                           "gamma": repr(float(gamma))})
+    write_weights(tensors, tmp, metadata={"step": str(step), "sigma_rel": repr(float(sigma_rel)),
+                                          "gamma": repr(float(gamma))})
     os.replace(tmp, path)
 
 
@@ -335,12 +335,11 @@ class Snapshot(NamedTuple):
 
 def list_snapshots(snapshot_dir: str | Path) -> list[Snapshot]:
     """Every complete snapshot in `snapshot_dir`, by (step, σ_rel), read from the files' metadata."""
-    from safetensors import safe_open
+    from ldmscale.runs import read_metadata
 
     out = []
     for path in sorted(Path(snapshot_dir).glob("step_*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = read_metadata(path, what="EMA snapshot")
         if "step" not in meta or "sigma_rel" not in meta:
             raise ValueError(f"{path} is not an EMA snapshot (no step/sigma_rel in its metadata)")
         out.append(Snapshot(int(meta["step"]), float(meta["sigma_rel"]), path))
@@ -375,7 +374,7 @@ def reconstruct(snapshot_dir: str | Path, sigma_rels: list[float],
                 step: int | None = None) -> tuple[int, dict[float, dict[str, torch.Tensor]]]:
     """(step, {σ_rel: fp32 weights}): post-hoc EMAs at `step` (default: the last snapshot) from the snapshots
     up to it. A σ_rel that was tracked comes back as its own snapshot (the fit is exact for it)."""
-    from safetensors.torch import load_file
+    from ldmscale.runs import read_weights
 
     snapshots = list_snapshots(snapshot_dir)
     if not snapshots:
@@ -392,7 +391,7 @@ def reconstruct(snapshot_dir: str | Path, sigma_rels: list[float],
                                               [step] * len(sigma_rels), list(sigma_rels))
     outputs: list[dict[str, torch.Tensor]] = [{} for _ in sigma_rels]
     for snapshot, weights in zip(used, coefficients):
-        tensors = load_file(str(snapshot.path))
+        tensors = read_weights(snapshot.path, what="EMA snapshot")
         for out, weight in zip(outputs, weights):
             for name, value in tensors.items():
                 out.setdefault(name, torch.zeros(value.shape)).add_(value.float(), alpha=float(weight))

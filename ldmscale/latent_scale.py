@@ -63,10 +63,9 @@ def of_weights(path: Optional[str | Path]) -> Optional[LatentScale]:
                 return LatentScale(float(config["scaling_factor"]), float(config.get("shift_factor") or 0.0),
                                    str(config_file))
     if path.is_file() and path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from ldmscale.runs import read_metadata
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata = read_metadata(path, what="autoencoder.weights")
         inner = json.loads(metadata.get("ldmscale_config", "{}")).get("autoencoder")
         if inner and "scale_factor" in inner:
             return LatentScale(float(inner["scale_factor"]), float(inner.get("shift_factor", 0.0)), str(path))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,29 +18,108 @@ from torch import nn
 from ldmscale.config import Config, DiffusionConfig
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_torch_load = torch.load  # the real one: engine.py patches torch.load to call load_data while DeepSpeed reads
 
 
-def read_weights(path: str | Path, *, what: str = "weights") -> dict[str, torch.Tensor]:
-    """A weights file → its state dict, on CPU. Never unpickles code (principle 15): safetensors, or a torch
-    file loaded with weights_only=True. An LDM/SD `.ckpt` ({"state_dict": ..., "global_step": ...}) gives
-    its "state_dict". `what` names the setting the path came from, for the error message."""
+# ---------------------------------------------------------------------------- the weights-file layer
+# Every file of tensors the project reads or writes goes through the functions below (principle 15: a
+# checkpoint is data). models/, checkpoint.py and ema.py import them; this module imports only the config.
+class CheckpointError(RuntimeError):
+    """A checkpoint file or folder that cannot be trusted or read; the message names it."""
+
+
+def load_data(path: str | Path, *, map_location: Any = "cpu", allowed: Iterable[type] = (), **kwargs: Any) -> Any:
+    """torch.load as data only: tensors and plain containers, plus the `allowed` classes; never code.
+
+    A pickle payload, a truncated or corrupt file raises CheckpointError naming the file.
+    """
+    kwargs.pop("weights_only", None)  # callers inside DeepSpeed pass weights_only=False: overruled
+    kwargs.pop("pickle_module", None)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return _torch_load(path, map_location=map_location, weights_only=True, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # torch's weights-only message buries the offending global after a paragraph of advice
+        reason = next((line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line), lines[0])[:300]
+        raise CheckpointError(f"{path}: refused to load ({reason}); run-directory files are read as data "
+                              "only (weights_only), so a file holding code or a corrupt file stops here") from err
+
+
+def _existing(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what}={str(path)!r}: no such file (safetensors, or a torch state dict)")
+    return path
+
+
+def read_weights_and_metadata(path: str | Path, *, what: str = "weights") -> tuple[dict[str, Any], dict[str, str]]:
+    """A weights file → (state dict on CPU, metadata). Never unpickles code: safetensors, or a torch file
+    loaded weights-only. An LDM/SD `.ckpt` ({"state_dict": ..., "global_step": ...}) gives its "state_dict",
+    and its other plain entries as metadata (JSON text unless a string), as safetensors keeps strings.
+    `what` names the setting the path came from, for the error message."""
+    path = _existing(path, what)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return load_file(str(path)), read_metadata(path, what=what)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled code, or not a torch file at all
-        raise ValueError(f"{what}={str(path)!r} cannot be read weights-only (tensors only, no pickled "
-                         f"objects): {err}") from err
+        state = load_data(path)
+    except CheckpointError as err:  # pickled code, or not a torch file at all
+        raise ValueError(f"{what}={str(path)!r} cannot be read weights-only (tensors and plain containers; "
+                         f"arbitrary pickles are never loaded): {err}") from err
+    metadata: dict[str, str] = {}
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        for key, value in state.items():
+            try:
+                metadata[key] = value if isinstance(value, str) else json.dumps(value)
+            except (TypeError, ValueError):  # tensors, optimiser states: not metadata
+                continue
+        metadata.pop("state_dict", None)
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{what}={str(path)!r} holds a {type(state).__name__}, not a state dict")
-    return state
+    return state, metadata
+
+
+def read_weights(path: str | Path, *, what: str = "weights") -> dict[str, Any]:
+    """A weights file → its state dict, on CPU (see read_weights_and_metadata)."""
+    return read_weights_and_metadata(path, what=what)[0]
+
+
+def read_metadata(path: str | Path, *, what: str = "weights") -> dict[str, str]:
+    """A weights file's metadata; for safetensors from the header alone, without reading any tensor."""
+    path = _existing(path, what)
+    if path.suffix != ".safetensors":
+        return read_weights_and_metadata(path, what=what)[1]
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def weight_names(path: str | Path, *, what: str = "weights") -> list[str]:
+    """The tensor names in a weights file; for safetensors from the header alone."""
+    path = _existing(path, what)
+    if path.suffix != ".safetensors":
+        return list(read_weights(path, what=what))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def write_weights(tensors: dict[str, torch.Tensor], path: str | Path,
+                  metadata: Optional[dict[str, str]] = None) -> None:
+    """A safetensors file, readable by other people and jobs (safetensors' save_file writes 0600)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _unwrap(state: dict[str, Any], ema: bool) -> dict[str, torch.Tensor]:
@@ -154,8 +234,36 @@ def diffusion_from_scheduler_config(path: Path, diffusion: DiffusionConfig) -> D
     return out
 
 
-def _denoiser_from_unet_checkpoint(path: Path, cfg: Config) -> nn.Module:
-    """A bare U-Net in any format `ldmscale.models.interop` reads, wrapped as a Denoiser of cfg's kind."""
+_ORIGINAL_BETAS = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "cosine"}  # LDM → ours
+_ORIGINAL_PREDICTION = {"eps": "eps", "v": "v", "x0": "x0"}
+
+
+def diffusion_from_original_config(original: dict[str, Any], diffusion: DiffusionConfig) -> DiffusionConfig:
+    """Take the process of an LDM/SD .yaml (model.params: linear_start/end, timesteps, parameterization) into
+    `diffusion`. LDM's "linear" schedule interpolates sqrt(beta), which is our (and diffusers') scaled_linear."""
+    params = (original.get("model") or {}).get("params") or {}
+    schedule = params.get("beta_schedule", "linear")
+    if schedule not in _ORIGINAL_BETAS or params.get("given_betas") is not None:
+        raise ValueError(f"original config model.params.beta_schedule={schedule!r} is not one of "
+                         f"{sorted(_ORIGINAL_BETAS)}")
+    parameterization = params.get("parameterization", "eps")
+    if parameterization not in _ORIGINAL_PREDICTION:
+        raise ValueError(f"original config model.params.parameterization={parameterization!r} is not one of "
+                         f"{sorted(_ORIGINAL_PREDICTION)}")
+    out = dataclasses.replace(diffusion, schedule=dataclasses.replace(diffusion.schedule))
+    out.schedule.beta_schedule = _ORIGINAL_BETAS[schedule]
+    out.schedule.beta_start = float(params.get("linear_start", 1e-4))  # LatentDiffusion's defaults
+    out.schedule.beta_end = float(params.get("linear_end", 2e-2))
+    out.schedule.num_train_timesteps = int(params.get("timesteps", 1000))
+    out.schedule.zero_terminal_snr = False
+    out.prediction_type = _ORIGINAL_PREDICTION[parameterization]
+    return out
+
+
+def _denoiser_from_unet_checkpoint(path: Path, cfg: Config, original_config: Optional[dict[str, Any]] = None
+                                   ) -> nn.Module:
+    """A bare U-Net in any format `ldmscale.models.interop` reads, wrapped as a Denoiser of cfg's kind; an
+    LDM/SD file's structure from its `original_config` when given."""
     import dataclasses as dc
 
     from ldmscale.conditioning import kind_for
@@ -163,7 +271,7 @@ def _denoiser_from_unet_checkpoint(path: Path, cfg: Config) -> nn.Module:
     from ldmscale.models.interop import load_unet
 
     conditioning = kind_for(cfg.conditioner)
-    unet = load_unet(path)
+    unet = load_unet(path, original_config)
     trained = conditioning.configure_unet(dc.replace(cfg.model, in_channels=unet.in_channels,
                                                      context_dim=unet.context_dim,
                                                      adm_in_channels=unet.adm_in_channels), {})
@@ -224,10 +332,7 @@ def config_of_export(path: Path) -> Optional[Config]:
 
     raw = None
     if path.is_file() and path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            text = (handle.metadata() or {}).get("config")
+        text = read_metadata(path).get("config")
         raw = json.loads(text) if text else None
     elif (path / RUN_CONFIG).is_file():
         raw = json.loads((path / RUN_CONFIG).read_text())
@@ -240,7 +345,8 @@ def config_of_export(path: Path) -> Optional[Config]:
 
 
 def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Path] = None,
-         overrides: Sequence[str] = (), tag: Optional[str] = None, device: torch.device | str = "cpu") -> Run:
+         overrides: Sequence[str] = (), tag: Optional[str] = None, device: torch.device | str = "cpu",
+         original_config: Optional[str | Path | dict[str, Any]] = None) -> Run:
     """Open what a user points at → Run (in eval mode on `device`):
 
     - a stage-2 training run directory (EMA or raw weights; `tag` picks a checkpoint, default latest);
@@ -249,7 +355,9 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
     - our denoiser export (`.safetensors`/`.pt`, keys `unet.*`; its config in the metadata), our folder
       export (`--format ldmscale`: U-Net, RUN_CONFIG, DENOISER_EXTRAS), a bare U-Net in any format
       `ldmscale.models.interop` reads, a diffusers pipeline folder (its scheduler and VAE too), an LDM/SD
-      checkpoint.
+      checkpoint; with `original_config` (the .yaml shipped with an LDM/SD file) its U-Net, its first stage
+      (when the file holds one and autoencoder.weights is unset) and its diffusion process are read as the
+      original code would.
 
     The config is the model's own (the run directory's, `config`, a config.json beside the weights, or the
     one an export carries) with `overrides` (key.path=value) applied; only a bare checkpoint is described by
@@ -261,7 +369,10 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    pipeline_vae = False
+    if original_config is not None and not (path.is_file() and path.suffix in WEIGHT_SUFFIXES):
+        raise ValueError(f"original_config (--original-config) is for an LDM/SD checkpoint file; {path} "
+                         "carries its own config")
+    own_scaling = False  # the autoencoder's latent scale comes with it (pipeline VAE, LDM file + its yaml)
     if is_run_dir(path) and config is None:
         cfg = apply_overrides(read_config(path / "config.json"), list(overrides))
         if cfg.stage == "autoencoder":
@@ -274,6 +385,14 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
            else config_of_export(path))
     cfg = apply_overrides(own, list(overrides)) if own is not None else compose(list(overrides))
     state = _unwrap(read_weights(path), ema) if path.is_file() and path.suffix in WEIGHT_SUFFIXES else {}
+    original = None
+    if original_config is not None:
+        from ldmscale.models.interop import AE_PREFIX, read_original_config
+
+        original = read_original_config(original_config)
+        cfg.diffusion = diffusion_from_original_config(original, cfg.diffusion)
+        if not cfg.autoencoder.weights and any(key.startswith(AE_PREFIX) for key in state):
+            cfg.autoencoder.weights, own_scaling = str(path), True
     if any(key.startswith("unet.") for key in state):  # our consolidated Denoiser export
         denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
         _load_denoiser_state(denoiser, state, str(path))
@@ -288,24 +407,29 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
             if unexpected:
                 raise ValueError(f"{path / DENOISER_EXTRAS}: {unexpected[:5]} do not fit the configured denoiser")
     else:
-        denoiser = _denoiser_from_unet_checkpoint(path, cfg)
+        denoiser = _denoiser_from_unet_checkpoint(path, cfg, original)
     if path.is_dir():
         cfg.diffusion = diffusion_from_scheduler_config(path, cfg.diffusion)
         if not cfg.autoencoder.weights and (path / "vae").is_dir():
-            cfg.autoencoder.weights, pipeline_vae = str(path), True
+            cfg.autoencoder.weights, own_scaling = str(path), True
     text_encoder = denoiser.conditioning.build_frozen(device)
-    return Run(cfg, denoiser.to(device).eval(), _configured_autoencoder(cfg, pipeline_vae, device), text_encoder)
+    same_file = original is not None and Path(cfg.autoencoder.weights or "") == path
+    autoencoder = _configured_autoencoder(cfg, own_scaling, device, original if same_file else None)
+    return Run(cfg, denoiser.to(device).eval(), autoencoder, text_encoder)
 
 
-def _configured_autoencoder(cfg: Config, pipeline_vae: bool, device: torch.device | str) -> nn.Module:
-    """cfg.autoencoder.weights with the latent scaling the denoiser was trained with (the run's config, or a
-    diffusers pipeline's VAE config); unset, a seed-0 random autoencoder, loudly."""
+def _configured_autoencoder(cfg: Config, own_scaling: bool, device: torch.device | str,
+                            original_config: Optional[dict[str, Any]] = None) -> nn.Module:
+    """cfg.autoencoder.weights with the latent scaling the denoiser was trained with (the run's config, or
+    the one that comes with the autoencoder: a diffusers pipeline's VAE config, an LDM/SD file's yaml);
+    unset, a seed-0 random autoencoder, loudly."""
     from ldmscale.models import build_autoencoder, load_autoencoder
 
     if cfg.autoencoder.weights:
-        scaling = {} if pipeline_vae else dict(scale_factor=cfg.autoencoder.scale_factor,
-                                               shift_factor=cfg.autoencoder.shift_factor)
-        return load_autoencoder(autoencoder_path(cfg.autoencoder.weights), **scaling).to(device).eval()
+        scaling = {} if own_scaling else dict(scale_factor=cfg.autoencoder.scale_factor,
+                                              shift_factor=cfg.autoencoder.shift_factor)
+        return load_autoencoder(autoencoder_path(cfg.autoencoder.weights), original_config,
+                                **scaling).to(device).eval()
     warnings.warn("autoencoder.weights is not set: decoding with a randomly initialised (seed 0) "
                   "autoencoder; set autoencoder.weights (or -o autoencoder.weights=PATH) for real images",
                   stacklevel=3)

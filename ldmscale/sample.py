@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ldmscale.sample", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="run dir, our export, LDM/SD file or diffusers folder")
     p.add_argument("--config", help="config.json/yaml of the model (default: the run dir's or beside the file)")
+    p.add_argument("--original-config", help="the .yaml shipped with an LDM/SD checkpoint file: its U-Net, first "
+                   "stage and diffusion process as the original code reads them")
     p.add_argument("--override", "-o", action="append", default=[], help="config override, e.g. model=tiny")
     p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     from ldmscale.conditioning import KINDS
@@ -79,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = build_parser().parse_args(argv)
     started = time.time()
     models = load(args.checkpoint, ema=not args.raw, config=args.config, overrides=args.override,
-                  device=args.device)
+                  device=args.device, original_config=args.original_config)
     cfg, conditioning = models.cfg, models.denoiser.conditioning
     height = args.height or cfg.data.resolution
     width = args.width or cfg.data.resolution
@@ -93,7 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                                 batch_size=args.batch_size, progress=not args.no_progress)
     generation = generate(models, inputs, settings, device=args.device)
     out = save_outputs(generation, args.out, dict(checkpoint=str(args.checkpoint), weights="raw" if args.raw else "ema",
-                                                  config=args.config, overrides=args.override,
+                                                  config=args.config, original_config=args.original_config,
+                                                  overrides=args.override,
                                                   seconds=round(time.time() - started, 3)))
     print(f"wrote {len(generation.images)} image(s) to {out} (grid.png, images/, settings.json)")
     return out

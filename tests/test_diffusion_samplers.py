@@ -223,6 +223,17 @@ def test_guidance_scale_one_equals_conditional_and_cfg_is_one_forward():
         torch.testing.assert_close(guided_model_fn(den, cond, uncond, 3.0)(x, t), expected)
 
 
+def test_guidance_rescale_is_eq_16_and_leaves_a_constant_output_finite():
+    from ldmscale.diffusion.samplers import rescale_guidance
+
+    g = torch.Generator().manual_seed(0)
+    guided, conditional = torch.randn(2, 4, 8, 8, generator=g) * 3, torch.randn(2, 4, 8, 8, generator=g)
+    ratio = conditional.std(dim=[1, 2, 3], keepdim=True) / guided.std(dim=[1, 2, 3], keepdim=True)
+    torch.testing.assert_close(rescale_guidance(guided, conditional, 0.7), 0.7 * guided * ratio + 0.3 * guided)
+    zeros = torch.zeros(2, 4, 8, 8)  # an untrained zero-initialised denoiser: std 0 / 0 used to give NaN
+    assert torch.equal(rescale_guidance(zeros, zeros, 0.7), zeros)
+
+
 def test_concat_condition_is_shared_by_both_halves():
     den = TinyDenoiser(concat_channels=5)
     concat = torch.randn(2, 5, 8, 8)

@@ -188,6 +188,20 @@ def test_resuming_from_an_older_checkpoint_drops_the_abandoned_newer_ones_at_the
     assert ckpt.complete_tags(checkpointer.dir) == ["step_00000002", "step_00000003"]
 
 
+def test_a_crash_between_meta_and_latest_resumes_the_newer_checkpoint_and_keeps_it(tmp_path):
+    """step 6's meta.json is on disk but `latest` still names step 4 (written before it): step 6 is complete
+    and resumes; the next save keeps it. (Moved back by hand, `latest` is younger and wins: test above.)"""
+    checkpointer = _saved(tmp_path, steps=(2, 4, 6), keep_last=3)
+    latest = checkpointer.dir / ckpt.LATEST
+    latest.write_text("step_00000004")
+    meta_time = (checkpointer.dir / "step_00000006" / ckpt.META).stat().st_mtime_ns
+    os.utime(latest, ns=(meta_time - 10**9, meta_time - 10**9))  # as the save before step 6 left it
+    with pytest.warns(UserWarning, match="step_00000006 is complete and was saved after latest"):
+        assert _resume(checkpointer) == ("step_00000006", 6)
+    checkpointer.save(7, {"m": FileEngine(7)}, {"step": 7}, {})
+    assert ckpt.complete_tags(checkpointer.dir) == ["step_00000004", "step_00000006", "step_00000007"]
+
+
 # ---------------------------------------------------------------------------- fast: non-finite losses
 class StreakTask:
     """Finite losses, then non-finite ones from `bad_from` on (the real Trainer counts and stops)."""

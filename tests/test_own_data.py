@@ -155,9 +155,9 @@ def test_logger_writes_train_log_and_plain_lines_off_a_terminal(tmp_path, capsys
 
 
 def test_saved_tensors_are_not_private(tmp_path):
-    from ldmscale.models.interop import save_tensors
+    from ldmscale.runs import write_weights
 
-    save_tensors({"a": torch.zeros(2)}, tmp_path / "a.safetensors")
+    write_weights({"a": torch.zeros(2)}, tmp_path / "a.safetensors")
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,4 +1,5 @@
-"""Executor parameters from `cfg.launcher` (no cluster needed): what sbatch will be asked for."""
+"""Executor parameters from `cfg.launcher`: what sbatch will be asked for (only the script text needs SLURM's
+programs installed)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def test_no_gres_flag_without_gpus_and_unset_options_left_out():
         assert key not in params
 
 
+@pytest.mark.slurm  # submitit writes the script with `srun`'s own flags, so it runs where SLURM is installed
 def test_sbatch_script_carries_every_setting(tmp_path):
     cfg = compose([
         "launcher=slurm", "launcher.nodes=2", "launcher.gpus_per_node=4", "launcher.tasks_per_node=4",

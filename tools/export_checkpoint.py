@@ -32,7 +32,7 @@ FORMATS = ("safetensors", "ldmscale", "diffusers", "ldm")
 def export(run_dir: str | Path, out: str | Path, *, ema: bool = True, format: str = "safetensors",
            tag: str | None = None, with_autoencoder: bool = False) -> Path:
     """Write the run's denoiser (EMA or raw) as `format`; returns what was written."""
-    from ldmscale.models.interop import save_tensors
+    from ldmscale.runs import write_weights
 
     out = Path(out)
     if format == "safetensors":
@@ -57,7 +57,7 @@ def export(run_dir: str | Path, out: str | Path, *, ema: bool = True, format: st
         return written.parent
     written = save_unet(models.denoiser.unet, out, format)
     if extras:  # e.g. the layout encoder: kept beside the U-Net in our folder format
-        save_tensors({k: v.contiguous() for k, v in extras.items()}, out / DENOISER_EXTRAS)
+        write_weights({k: v.contiguous() for k, v in extras.items()}, out / DENOISER_EXTRAS)
     if format == "ldmscale":  # the run's config (conditioning kind, classes, process, latent scale) beside it
         (out / RUN_CONFIG).write_text(json.dumps(to_dict(models.cfg), indent=2, default=str))
     if with_autoencoder:

@@ -420,7 +420,9 @@ def rescale_guidance(guided: Tensor, conditional: Tensor, guidance_rescale: floa
     dims = list(range(1, conditional.ndim))
     std_cond = conditional.std(dim=dims, keepdim=True)
     std_guided = guided.std(dim=dims, keepdim=True)
-    rescaled = guided * (std_cond / std_guided)
+    # a constant guided output (an untrained, zero-initialised denoiser) has nothing to rescale: 0/0 is NaN
+    ratio = torch.where(std_guided > 0, std_cond / std_guided.clamp_min(torch.finfo(guided.dtype).tiny), 1.0)
+    rescaled = guided * ratio
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 

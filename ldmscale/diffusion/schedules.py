@@ -37,7 +37,8 @@ def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> Tensor:
 
 
 def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
-    """Betas [T] float32. linear: LDM/DDPM; scaled_linear: SD (linear in sqrt(beta)); cosine: iDDPM."""
+    """Betas [T] float32. linear: DDPM (linear in beta; LDM's "sqrt_linear"); scaled_linear: linear in
+    sqrt(beta), what the LDM/SD code calls "linear"; cosine: iDDPM."""
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     if beta_schedule == "scaled_linear":

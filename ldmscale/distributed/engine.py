@@ -27,7 +27,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs 
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
-from ldmscale.checkpoint import load_data  # noqa: E402
+from ldmscale.runs import load_data  # noqa: E402
 
 # The only non-tensor classes in DeepSpeed's checkpoint files (ZeRO 0-3; fp32, bf16, fp16), found with
 # torch.serialization.get_unsafe_globals_in_checkpoint: plain records of numbers, rebuilt from their fields.

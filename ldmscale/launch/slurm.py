@@ -68,10 +68,8 @@ def build_executor(cfg: LauncherConfig, folder: str | Path | None = None) -> sub
 # ---------------------------------------------------------------------------- stop requests
 def request_save() -> None:
     """Ask the running trainer to save a checkpoint and stop at the next step boundary."""
-    try:
-        from ldmscale.checkpoint import SAVE_REQUEST
-    except ImportError:  # no trainer in this process: nothing to save
-        return
+    from ldmscale.checkpoint import SAVE_REQUEST
+
     SAVE_REQUEST.request(stop=True)
 
 

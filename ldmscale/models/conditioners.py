@@ -325,12 +325,9 @@ class SDXLTextEncoder(nn.Module):
 def _is_sgm_file(path: str) -> bool:
     if not Path(path).is_file():
         return False
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
+    from ldmscale.runs import weight_names
 
-        with safe_open(str(path), framework="pt") as handle:
-            return any(k.startswith(SGM_TOWER_PREFIXES[0]) for k in handle.keys())
-    return any(k.startswith(SGM_TOWER_PREFIXES[0]) for k in _load_state_dict(path))
+    return any(k.startswith(SGM_TOWER_PREFIXES[0]) for k in weight_names(path, what="conditioner text weights"))
 
 
 def size_embedding(values: torch.Tensor, dim: int = 256) -> torch.Tensor:

@@ -19,27 +19,16 @@ from typing import Any, Optional
 import torch
 import yaml
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ldmscale.models.attention import AttentionBlock, SpatialTransformer
 from ldmscale.models.autoencoder import AutoencoderKL, VQModel
 from ldmscale.models.unet import Downsample, ResBlock, UNet, Upsample, _per_level
+from ldmscale.runs import read_weights, read_weights_and_metadata, write_weights
 
 UNET_PREFIX = "model.diffusion_model."
 AE_PREFIX = "first_stage_model."
 FORMATS = ("diffusers", "ldm", "ldmscale")
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """safetensors' save_file, then the permissions of any new file (safetensors writes 0600): exports
-    are read by other people and jobs."""
-    import os
-
-    save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 OUR_CONFIG = "config.json"
 OUR_WEIGHTS = "model.safetensors"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -67,22 +56,9 @@ def _strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A checkpoint file → (tensors, our config if it carries one). Pickles only through weights_only."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        extra = json.loads(metadata["ldmscale_config"]) if "ldmscale_config" in metadata else {}
-        return load_file(str(path)), extra
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError for anything but tensors and plain containers
-        raise ValueError(f"{path}: not a weights-only checkpoint (arbitrary pickles are never loaded): {err}") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    extra = obj.get("ldmscale_config") or {}
-    state = obj.get("state_dict", obj)
+    """A checkpoint file → (tensors, our config if it carries one), through the one weights-file reader."""
+    state, metadata = read_weights_and_metadata(path, what="checkpoint")
+    extra = json.loads(metadata["ldmscale_config"]) if "ldmscale_config" in metadata else {}
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, extra
 
 
@@ -732,12 +708,9 @@ def _ours_dir(path: Path, kind: str) -> Optional[Path]:
 
 
 def _load_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
-    file = folder / DIFFUSERS_WEIGHTS
-    if file.is_file():
-        return load_file(str(file))
-    binary = folder / "diffusion_pytorch_model.bin"
-    if binary.is_file():
-        return _read_tensors(binary)[0]
+    for file in (folder / DIFFUSERS_WEIGHTS, folder / "diffusion_pytorch_model.bin"):
+        if file.is_file():
+            return read_weights(file, what=f"{folder.name} weights")
     raise FileNotFoundError(f"{folder}: no {DIFFUSERS_WEIGHTS}")
 
 
@@ -746,7 +719,7 @@ def _read_unet(path: Path) -> tuple[Optional[dict[str, Any]], dict[str, torch.Te
     if path.is_dir():
         if ours := _ours_dir(path, "unet"):
             meta = json.loads((ours / OUR_CONFIG).read_text())
-            return meta["config"], load_file(str(ours / OUR_WEIGHTS)), str(ours)
+            return meta["config"], read_weights(ours / OUR_WEIGHTS), str(ours)
         if folder := _diffusers_dir(path, "unet"):
             dcfg = json.loads((folder / "config.json").read_text())
             if dcfg["_class_name"] not in ("UNet2DConditionModel", "UNet2DModel"):
@@ -805,7 +778,7 @@ def _read_autoencoder(path: Path) -> tuple[Optional[dict[str, Any]], dict[str, t
     if path.is_dir():
         if ours := _ours_dir(path, "autoencoder"):
             meta = json.loads((ours / OUR_CONFIG).read_text())
-            return meta["config"], load_file(str(ours / OUR_WEIGHTS)), str(ours), None
+            return meta["config"], read_weights(ours / OUR_WEIGHTS), str(ours), None
         if folder := _diffusers_dir(path, "vae", "vqvae"):  # vqvae: diffusers' LDM pipelines
             config = autoencoder_config_from_diffusers(json.loads((folder / "config.json").read_text()))
             with torch.device("meta"):
@@ -861,19 +834,19 @@ def _save(model: nn.Module, kind: str, config: dict[str, Any], diffusers_config:
     state = _contiguous(model.state_dict())
     if format == "ldmscale":
         path.mkdir(parents=True, exist_ok=True)
-        save_tensors(state, path / OUR_WEIGHTS)
+        write_weights(state, path / OUR_WEIGHTS)
         (path / OUR_CONFIG).write_text(json.dumps({"ldmscale": kind, "config": config}, indent=2))
     elif format == "diffusers":
         dcfg = diffusers_config(config)  # validates before anything is written
         renamed = _rename(prepare(state, model) if prepare else state, key_map(model))
         path.mkdir(parents=True, exist_ok=True)
-        save_tensors(_contiguous(renamed), path / DIFFUSERS_WEIGHTS)
+        write_weights(_contiguous(renamed), path / DIFFUSERS_WEIGHTS)
         (path / "config.json").write_text(json.dumps(dcfg, indent=2))
     elif format == "ldm":
         prefixed = {prefix + k: v for k, v in state.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
-            save_tensors(prefixed, path, metadata={"ldmscale_config": json.dumps({kind: config})})
+            write_weights(prefixed, path, metadata={"ldmscale_config": json.dumps({kind: config})})
         else:
             torch.save({"state_dict": prefixed, "ldmscale_config": {kind: config}}, str(path))
     else:
