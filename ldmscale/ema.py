@@ -320,7 +320,7 @@ def write_snapshot(path: Path, weights: dict[str, torch.Tensor], *, step: int, s
     from ldmscale.runs import write_weights
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # the suffix picks the format
     tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in weights.items()}
     write_weights(tensors, tmp, metadata={"step": str(step), "sigma_rel": repr(float(sigma_rel)),
                                           "gamma": repr(float(gamma))})

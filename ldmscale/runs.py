@@ -111,12 +111,17 @@ def weight_names(path: str | Path, *, what: str = "weights") -> list[str]:
 
 def write_weights(tensors: dict[str, torch.Tensor], path: str | Path,
                   metadata: Optional[dict[str, str]] = None) -> None:
-    """A safetensors file, readable by other people and jobs (safetensors' save_file writes 0600)."""
+    """A weights file other people and jobs can read (safetensors' save_file writes 0600): safetensors, or
+    for any other suffix a torch file in the LDM layout {"state_dict": ..., **metadata} the original code
+    loads. read_weights_and_metadata gives back both."""
     import os
 
-    from safetensors.torch import save_file
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+        save_file(tensors, str(path), metadata=metadata)
+    else:
+        torch.save({"state_dict": tensors, **(metadata or {})}, str(path))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -117,8 +117,11 @@ def test_an_ldm_file_with_its_yaml_loads_its_unet_first_stage_and_process(tmp_pa
     from ldmscale.diffusion.schedules import Schedule
     from ldmscale.models.attention import AttentionBlock
     from ldmscale.models.autoencoder import AutoencoderKL
-    from ldmscale.models.interop import (AmbiguousCheckpointError, autoencoder_config_from_original,
-                                         unet_config_from_original)
+    from ldmscale.models.interop import (
+        AmbiguousCheckpointError,
+        autoencoder_config_from_original,
+        unet_config_from_original,
+    )
     from ldmscale.models.unet import UNet
     from ldmscale.runs import load
     from ldmscale.sample import main

@@ -18,6 +18,7 @@ import submitit
 from ldmscale.checkpoint import latest_tag, read_meta
 from ldmscale.config import compose
 from ldmscale.launch.slurm import SubmissionError, build_executor, submit, submit_training
+from tests._slurm_helpers import die_or_wait
 from tests._train_helpers import make_cached_shards
 
 pytestmark = pytest.mark.slurm
@@ -73,6 +74,23 @@ def _steps_and_losses(run_dir: Path) -> list[tuple[int, float]]:
     if not path.exists():
         return []
     return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_a_task_killed_outright_ends_the_whole_job_at_once(tmp_path):
+    cfg = compose(["launcher=slurm", "launcher.gpus_per_node=0", "launcher.tasks_per_node=2",
+                   "launcher.cpus_per_task=1", "launcher.timeout_min=60", f"run_dir={tmp_path}"])
+    started = time.monotonic()
+    job = build_executor(cfg.launcher, tmp_path / "slurm").submit(die_or_wait)
+    try:
+        _wait(lambda: _sacct_state(job.job_id) not in ("", "PENDING", "RUNNING", "REQUEUED"), 240, "the job to end")
+    finally:
+        job.cancel(check=False)  # a hung task 0 must not hold the test cluster's CPUs
+    elapsed = time.monotonic() - started
+    assert _sacct_state(job.job_id) == "FAILED", job.stderr()
+    log = job.stderr() or ""  # srun's own lines go to task 0's stderr
+    assert "task 1: Killed" in log and "task 0: Killed" in log, log  # killed by srun, not by its own error
+    assert elapsed < 120, f"the job took {elapsed:.0f} s: task 0 was left running after task 1 died"
+    print(f"a task killed outright: job over {elapsed:.1f} s after submission (task 0 would have slept 300 s)")
 
 
 @pytest.fixture(scope="module")

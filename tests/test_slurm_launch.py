@@ -48,6 +48,7 @@ def test_sbatch_script_carries_every_setting(tmp_path):
                  "#SBATCH --time=240", "#SBATCH --signal=USR2@300", "#SBATCH --exclusive",
                  "#SBATCH --job-name=sd", "module load cuda/12.4", f"--output {tmp_path}/%j_%t_log.out"):
         assert line in script, line
+    assert "srun --unbuffered" in script and "--kill-on-bad-exit=1" in script  # one dead task ends the job
 
 
 @pytest.mark.parametrize("override, key", [

@@ -40,6 +40,10 @@ def executor_parameters(cfg: LauncherConfig) -> dict[str, Any]:
         "signal_delay_s": cfg.signal_delay_s,
         "job_name": cfg.job_name,
         "array_parallelism": cfg.array_parallelism,
+        # A task that dies outright (OOM killer, SIGKILL, a segfault) reports nothing to its peers; srun
+        # then ends the others at once instead of leaving them in a collective until NCCL's timeout.
+        # submitit's own handlers never exit a non-zero task early, so requeues are unaffected.
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     # A GRES request of 0 GPUs still fails on a node without GRES: leave the flag out entirely.
     if cfg.gpus_per_node > 0:

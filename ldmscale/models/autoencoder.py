@@ -1,7 +1,7 @@
 """Stage-1 autoencoders of the LDM paper: KL-regularised (diagonal Gaussian) and VQ (vector quantised).
 
 Module and parameter names follow the original LDM/SD code (`first_stage_model.*`) so that LDM
-checkpoints load with an identity key map; `interop.py` maps diffusers names onto these.
+checkpoints load with an identity key map; `interop/autoencoder_format.py` maps diffusers names onto these.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The LDM/SD U-Net (Rombach et al. 2022, openaimodel.py design) and the stage-2 Denoiser around it.
 
 Module names follow the original LDM/SD checkpoints (`model.diffusion_model.*`), so LDM files load with
-an identity key map and `interop.py` only has to translate diffusers names."""
+an identity key map and `interop/unet_format.py` only has to translate diffusers names."""
 
 from __future__ import annotations
 
