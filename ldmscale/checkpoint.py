@@ -322,15 +322,23 @@ class Checkpointer:
         """Keep the newest `keep_last` up to the new one (which is complete and checksummed from disk).
 
         Checkpoints after `keep` belong to a history this run abandoned (it resumed from an older one):
-        they go, so a later fallback cannot pick them. Folders without meta.json are never touched here
+        they go, so a later fallback cannot pick them, and so do that history's post-hoc EMA snapshots
+        (which a reconstruction would otherwise mix in). Folders without meta.json are never touched here
         (a crash mid-save leaves one; the next save at that step replaces it).
         """
+        from ldmscale.ema import SNAPSHOT_DIR, list_snapshots
+
         tags = complete_tags(self.dir)
         newer = [t for t in tags if t > keep]
         older = [t for t in tags if t < keep]
         excess = len(older) + 1 - max(1, self.cfg.keep_last)
         for old in newer + older[: max(0, excess)]:
             shutil.rmtree(self.dir / old, ignore_errors=True)
+        if (self.dir / SNAPSHOT_DIR).is_dir():
+            step = int(keep.removeprefix("step_"))
+            for snapshot in list_snapshots(self.dir / SNAPSHOT_DIR):
+                if snapshot.step > step:
+                    snapshot.path.unlink(missing_ok=True)
 
     def resume_tag(self) -> str | None:
         """Collective: the newest checkpoint that verifies (None to start afresh); see find_verified."""

@@ -131,6 +131,22 @@ def test_snapshots_survive_checkpoint_retention(tmp_path):
     assert [s.step for s in list_snapshots(tmp_path / SNAPSHOT_DIR)] == [2, 2, 4, 4, 6, 6]
 
 
+def test_resuming_from_an_older_checkpoint_drops_the_abandoned_snapshots_at_the_next_save(tmp_path):
+    """Snapshots after the step a run resumed from belong to the abandoned history: the next save removes
+    them with that history's checkpoints, so a reconstruction never mixes two histories."""
+    checkpointer = Checkpointer(CheckpointConfig(keep_last=5), tmp_path)
+    module = nn.Linear(4, 4)
+    ema = PowerEMA(module, [0.05, 0.10], snapshot_every_steps=2, snapshot_dir=tmp_path / SNAPSHOT_DIR)
+    for step in _walk(module, 6):
+        ema.update(step)
+        checkpointer.save(step + 1, {}, {"task": {"ema": ema.state_dict()}}, {})
+    (tmp_path / "latest").write_text("step_00000003")  # rolled back by hand after a divergence
+    assert checkpointer.resume_tag() == "step_00000003"
+    checkpointer.save(4, {}, {}, {})  # the new history's next save
+    assert [s.step for s in list_snapshots(tmp_path / SNAPSHOT_DIR)] == [2, 2, 4, 4]  # 4: rewritten next
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [f"step_0000000{i}" for i in (2, 3, 4)]
+
+
 def test_power_ema_state_round_trips_and_refuses_a_different_setup():
     module = nn.Linear(4, 4)
     ema = PowerEMA(module, [0.05, 0.10])
