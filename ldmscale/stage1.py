@@ -129,29 +129,23 @@ class AutoencoderTask:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
-        """One optimizer step of both players over the micro-batches; logs are means over them.
+        """One optimizer step of both players over the micro-batches; logs are means over them, left on the
+        device (no host sync: the trainer reads them at logged steps).
 
-        A non-finite generator loss on any rank skips the rest of the step for both engines.
+        A non-finite generator loss on any rank poisons both players' gradients, so the overflow check at
+        the accumulation boundary drops both optimiser steps on every rank (Engine.backward's rule, as in
+        stage 2); "skipped" is the generator engine's device-side flag.
         """
         sums: dict[str, torch.Tensor] = {}
-        skipped = False
         for batch in micro_batches:
-            logs = None if skipped else self.micro_step(batch, step)
-            if logs is None:
-                skipped = True
-                self.g_engine.skip_micro_step()
-                if step >= self.cfg.ae_loss.disc_start:
-                    self.d_engine.skip_micro_step()
-                continue
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0) + value.detach().float().cpu()
+            for key, value in self.micro_step(batch, step).items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
         out = {k: v / len(micro_batches) for k, v in sums.items()}
-        out.setdefault("loss", torch.tensor(float("nan")))
-        out["skipped"] = torch.tensor(float(skipped))
+        out["skipped"] = self.g_engine.skipped
         return out
 
-    def micro_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor] | None:
-        """One micro-batch: generator backward/step, then (once on) the discriminator's; None if non-finite.
+    def micro_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """One micro-batch: generator backward/step, then (once on) the discriminator's.
 
         The generator loss is evaluated on a detached copy of the reconstruction: its gradient there
         (and the adaptive weight, from the decoder's last-layer input) is taken with plain autograd,
@@ -196,11 +190,10 @@ class AutoencoderTask:
             grad_logvar = torch.autograd.grad(terms["nll"], logvar, retain_graph=True)[0]
             surrogate = surrogate + (logvar * grad_logvar.detach()).sum()
         self.micro_steps += 1
-        if not self.g_engine.all_finite(g_out.loss):
-            if disc_on:
-                discriminator.requires_grad_(True)
-            return None
-        self.g_engine.backward(surrogate)
+        # The surrogate can be finite where the loss is not: poison it (and the discriminator's loss) by the
+        # loss itself, decided on the device.
+        poison = torch.where(torch.isfinite(g_out.loss.detach()), 1.0, float("nan")).to(surrogate.dtype)
+        self.g_engine.backward(surrogate * poison)
         self.g_engine.step()
         logs = dict(g_out.logs)
         if disc_on:
@@ -208,14 +201,14 @@ class AutoencoderTask:
             logits_real = self.d_engine(pixels.detach())
             logits_fake = self.d_engine(recon.detach())
             d_out = self.loss_fn.discriminator_loss(logits_real.float(), logits_fake.float(), step)
-            self.d_engine.backward(d_out.loss)
+            self.d_engine.backward(d_out.loss * poison)
             self.d_engine.step()
             logs.update(d_out.logs)
         with torch.no_grad():
             logs["psnr"] = evaluation.psnr(pixels.float(), recon.float()).mean()
             if indices is not None:
                 n_embed = self.autoencoder.quantize.n_embed
-                logs.update({k: torch.tensor(v) for k, v in evaluation.codebook_stats(indices, n_embed).items()})
+                logs.update(evaluation.codebook_stats_tensors(indices, n_embed))
         return logs
 
     def state_dict(self) -> dict[str, Any]:

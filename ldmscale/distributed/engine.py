@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 
 from ldmscale.config import DeepSpeedConfig, OptimConfig
@@ -231,14 +230,6 @@ class Engine:
 
     forward = __call__
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """True when `loss` is finite on every rank: an all-reduce and a host sync, for callers that must
-        decide at once (the stage-1 GAN step); the diffusion step relies on `skipped` instead."""
-        flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
-        if tdist.is_initialized() and tdist.get_world_size() > 1:
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
-        return bool(flag.item())
-
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of `loss`; a non-finite loss is made to poison every gradient (×NaN), so the overflow
         check at the boundary drops the whole optimiser step on every rank (the gradient reduction spreads
@@ -269,14 +260,6 @@ class Engine:
                 self.skipped = self._flags[0] if found_inf is None else found_inf
             else:  # DeepSpeed synced for its own overflow check already: reading its flag costs nothing
                 self.skipped = self._flags[int(bool(getattr(self._ds.optimizer, "overflow", False)))]
-
-    def skip_micro_step(self) -> None:
-        """Account for a micro-batch whose backward was skipped, so accumulation boundaries stay aligned."""
-        if not self._ds.is_gradient_accumulation_boundary():
-            self._ds.micro_steps += 1
-        elif self.gradient_accumulation_steps > 1:
-            # The finite micro-batches of this step still update (scaled by 1/accumulation).
-            self.step()
 
     def grad_norm(self) -> float:
         norm = self._ds.get_global_grad_norm()

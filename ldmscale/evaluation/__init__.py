@@ -12,6 +12,7 @@ from ldmscale.evaluation.reconstruction import (
     DATA_RANGE,
     codebook_stats,
     codebook_stats_from_counts,
+    codebook_stats_tensors,
     gaussian_window,
     make_grid,
     psnr,
@@ -20,5 +21,5 @@ from ldmscale.evaluation.reconstruction import (
 )
 
 __all__ = ["DATA_RANGE", "FeatureStats", "InceptionFeatures", "codebook_stats", "codebook_stats_from_counts",
-           "frechet_distance", "gaussian_window", "load_stats", "make_grid", "psnr", "resolve_inception_weights",
-           "save_grid", "save_stats", "ssim"]
+           "codebook_stats_tensors", "frechet_distance", "gaussian_window", "load_stats", "make_grid", "psnr",
+           "resolve_inception_weights", "save_grid", "save_stats", "ssim"]

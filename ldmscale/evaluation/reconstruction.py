@@ -54,18 +54,28 @@ def ssim(pixels: torch.Tensor, recon: torch.Tensor, data_range: float = DATA_RAN
     return ssim_map.flatten(1).mean(dim=1).float()
 
 
+def codebook_stats_tensors(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Tensor]:
+    """Usage (fraction of codes hit at least once) and perplexity exp(H(p)) of VQ code indices, as 0-dim
+    tensors on their device: no host sync (bincount would read the largest index back to size its output)."""
+    flat = indices.flatten().long()
+    counts = torch.zeros(codebook_size, dtype=torch.float64, device=flat.device)
+    return _codebook_stats(counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64)))
+
+
+def _codebook_stats(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -torch.special.xlogy(probs, probs).sum()  # 0·log 0 = 0, without a data-dependent mask
+    return {"codebook_usage": (counts > 0).double().mean(), "codebook_perplexity": entropy.exp()}
+
+
 def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, float]:
-    """Usage (fraction of codes hit at least once) and perplexity exp(H(p)) of VQ code indices."""
-    counts = torch.bincount(indices.flatten().long(), minlength=codebook_size).double()
-    return codebook_stats_from_counts(counts)
+    """`codebook_stats_tensors` as numbers."""
+    return {k: float(v) for k, v in codebook_stats_tensors(indices, codebook_size).items()}
 
 
 def codebook_stats_from_counts(counts: torch.Tensor) -> dict[str, float]:
     """As `codebook_stats`, from per-code hit counts (which sum across ranks)."""
-    counts = counts.double()
-    probs = counts / counts.sum().clamp_min(1)
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-    return {"codebook_usage": float((counts > 0).double().mean()), "codebook_perplexity": float(entropy.exp())}
+    return {k: float(v) for k, v in _codebook_stats(counts.double()).items()}
 
 
 def make_grid(rows: list[torch.Tensor], padding: int = 2) -> torch.Tensor:
