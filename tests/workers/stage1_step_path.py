@@ -17,7 +17,7 @@ from ldmscale.config import compose
 from ldmscale.distributed import env
 from ldmscale.stage1 import AutoencoderTask, build_pixel_loader
 from ldmscale.trainer import Trainer
-from tests.workers.step_path import HostReadCounter, SyncCounter, fit
+from tests.workers.step_path import count_host_syncs, fit
 
 
 def main() -> None:
@@ -44,10 +44,7 @@ def main() -> None:
     batches = [next(it) for _ in range(2 * accumulation)]
     result: dict = {"accumulation": accumulation}
     if mode == "syncs":
-        fit(trainer, batches[:accumulation])  # warm-up: optimizer state, first-call paths
-        counter = SyncCounter()
-        with counter, HostReadCounter(counter.counts):
-            fit(trainer, [batches[i % len(batches)] for i in range(4 * accumulation)])
+        counter = count_host_syncs(trainer, batches, accumulation)
         result.update(steps=trainer.step - 1, counts=dict(counter.counts))
     else:
         def params() -> dict[str, list[torch.Tensor]]:

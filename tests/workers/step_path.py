@@ -101,6 +101,15 @@ def fit(trainer: Trainer, batches: list) -> None:
         pass
 
 
+def count_host_syncs(trainer: Trainer, batches: list, accumulation: int, steps: int = 4) -> SyncCounter:
+    """Host syncs by owner over `steps` training steps, after one warm-up step (optimizer state, first calls)."""
+    fit(trainer, batches[:accumulation])
+    counter = SyncCounter()
+    with counter, HostReadCounter(counter.counts):
+        fit(trainer, [batches[i % len(batches)] for i in range(steps * accumulation)])
+    return counter
+
+
 GRAPH_CALLS: Counter = Counter()
 
 
@@ -169,12 +178,9 @@ def main() -> None:
     batches = [next(it) for _ in range(3 * accumulation)]
     result: dict = {"accumulation": accumulation}
     if mode == "syncs":
-        fit(trainer, batches[:accumulation])  # warm-up step: optimizer state, first-call paths
-        steps = 4
-        counter = SyncCounter()
+        counter = count_host_syncs(trainer, batches, accumulation)
+        measured = dict(counter.counts)
         with counter, HostReadCounter(counter.counts):
-            fit(trainer, [batches[i % len(batches)] for i in range(steps * accumulation)])
-            measured = dict(counter.counts)
             task.engine.grad_norm()  # an ldmscale .item(): proves the counter sees ldmscale's frames
         probe = {k: v for k, v in counter.counts.items() if k not in measured or measured[k] != v}
         result.update(steps=trainer.step - 1, counts=measured, probe=probe)
