@@ -119,14 +119,20 @@ def test_reconstruct_needs_a_snapshot_at_the_step(tmp_path):
         reconstruct(tmp_path / "none", [0.05])
 
 
-def test_snapshots_survive_checkpoint_retention(tmp_path):
-    """Snapshots live beside the step_* folders: pruning old checkpoints never deletes them."""
-    checkpointer = Checkpointer(CheckpointConfig(keep_last=1), tmp_path)
+def _snapshotting_run(tmp_path, keep_last: int) -> Checkpointer:
+    """6 steps of a power EMA snapshotting every 2, with a checkpoint after each step."""
+    checkpointer = Checkpointer(CheckpointConfig(keep_last=keep_last), tmp_path)
     module = nn.Linear(4, 4)
     ema = PowerEMA(module, [0.05, 0.10], snapshot_every_steps=2, snapshot_dir=tmp_path / SNAPSHOT_DIR)
     for step in _walk(module, 6):
         ema.update(step)
         checkpointer.save(step + 1, {}, {"task": {"ema": ema.state_dict()}}, {})
+    return checkpointer
+
+
+def test_snapshots_survive_checkpoint_retention(tmp_path):
+    """Snapshots live beside the step_* folders: pruning old checkpoints never deletes them."""
+    _snapshotting_run(tmp_path, keep_last=1)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000006"]
     assert [s.step for s in list_snapshots(tmp_path / SNAPSHOT_DIR)] == [2, 2, 4, 4, 6, 6]
 
@@ -134,12 +140,7 @@ def test_snapshots_survive_checkpoint_retention(tmp_path):
 def test_resuming_from_an_older_checkpoint_drops_the_abandoned_snapshots_at_the_next_save(tmp_path):
     """Snapshots after the step a run resumed from belong to the abandoned history: the next save removes
     them with that history's checkpoints, so a reconstruction never mixes two histories."""
-    checkpointer = Checkpointer(CheckpointConfig(keep_last=5), tmp_path)
-    module = nn.Linear(4, 4)
-    ema = PowerEMA(module, [0.05, 0.10], snapshot_every_steps=2, snapshot_dir=tmp_path / SNAPSHOT_DIR)
-    for step in _walk(module, 6):
-        ema.update(step)
-        checkpointer.save(step + 1, {}, {"task": {"ema": ema.state_dict()}}, {})
+    checkpointer = _snapshotting_run(tmp_path, keep_last=5)
     (tmp_path / "latest").write_text("step_00000003")  # rolled back by hand after a divergence
     assert checkpointer.resume_tag() == "step_00000003"
     checkpointer.save(4, {}, {}, {})  # the new history's next save

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ldmscale import checkpoint as ckpt
 from ldmscale.config import compose
 from ldmscale.distributed import env
 from ldmscale.stage1 import AutoencoderTask, build_pixel_loader
-from ldmscale.trainer import Trainer
-from tests.workers.step_path import count_host_syncs, fit
+from tests.workers.step_path import count_host_syncs, fit, trainer_and_batches
 
 
 def main() -> None:
@@ -38,10 +36,7 @@ def main() -> None:
     task = AutoencoderTask(cfg, rank=dist.rank, world_size=dist.world_size)
     loader = build_pixel_loader(cfg.data, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     accumulation = task.g_engine.gradient_accumulation_steps
-    trainer = Trainer(task, loader, cfg.trainer, checkpointer=ckpt.Checkpointer(cfg.checkpoint, run_dir / "ckpt"),
-                      accumulation_steps=accumulation, world_size=dist.world_size, run_dir=run_dir)
-    it = iter(loader)
-    batches = [next(it) for _ in range(2 * accumulation)]
+    trainer, batches = trainer_and_batches(task, loader, cfg, dist, run_dir, accumulation, 2 * accumulation)
     result: dict = {"accumulation": accumulation}
     if mode == "syncs":
         counter = count_host_syncs(trainer, batches, accumulation)

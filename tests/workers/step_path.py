@@ -101,6 +101,15 @@ def fit(trainer: Trainer, batches: list) -> None:
         pass
 
 
+def trainer_and_batches(task, loader, cfg, dist, run_dir: Path, accumulation: int,
+                        num_batches: int) -> tuple[Trainer, list]:
+    """The real Trainer around `task` (checkpoints under run_dir/ckpt) and `num_batches` prefetched batches."""
+    trainer = Trainer(task, loader, cfg.trainer, checkpointer=ckpt.Checkpointer(cfg.checkpoint, run_dir / "ckpt"),
+                      accumulation_steps=accumulation, world_size=dist.world_size, run_dir=run_dir)
+    it = iter(loader)
+    return trainer, [next(it) for _ in range(num_batches)]
+
+
 def count_host_syncs(trainer: Trainer, batches: list, accumulation: int, steps: int = 4) -> SyncCounter:
     """Host syncs by owner over `steps` training steps, after one warm-up step (optimizer state, first calls)."""
     fit(trainer, batches[:accumulation])
@@ -172,10 +181,7 @@ def main() -> None:
         return
     torch.manual_seed(cfg.seed)
     task, loader, accumulation, _ = build_diffusion_task(cfg, dist)
-    trainer = Trainer(task, loader, cfg.trainer, checkpointer=ckpt.Checkpointer(cfg.checkpoint, run_dir / "ckpt"),
-                      accumulation_steps=accumulation, world_size=dist.world_size, run_dir=run_dir)
-    it = iter(loader)
-    batches = [next(it) for _ in range(3 * accumulation)]
+    trainer, batches = trainer_and_batches(task, loader, cfg, dist, run_dir, accumulation, 3 * accumulation)
     result: dict = {"accumulation": accumulation}
     if mode == "syncs":
         counter = count_host_syncs(trainer, batches, accumulation)
