@@ -288,13 +288,19 @@ def _denoiser_from_unet_checkpoint(path: Path, cfg: Config, original_config: Opt
                     conditioning=conditioning)
 
 
+def _inference_model_config(cfg: Config) -> Any:
+    """The denoiser to load weights into: the checkpoint supersedes model.weights, and model.compile is a
+    training setting (a sampling run compiling every block would wait minutes before its first image)."""
+    return dataclasses.replace(cfg.model, weights=None, compile=False)
+
+
 def build_models(cfg: Config, device: torch.device | str = "cpu") -> Run:
     """The models a stage-2 config names, in eval mode: an untrained denoiser (the caller loads weights),
     the autoencoder (cfg.autoencoder.weights, else a seed-0 random one, as the cache job's) and the text
     encoder."""
     from ldmscale.models import build_denoiser
 
-    model_cfg = dataclasses.replace(cfg.model, weights=None)  # the checkpoint supersedes the initial weights
+    model_cfg = _inference_model_config(cfg)
     denoiser = build_denoiser(model_cfg, cfg.conditioner)
     text_encoder = denoiser.conditioning.build_frozen(device)  # the kind's frozen encoder (text towers), or None
     return Run(cfg, denoiser.to(device).eval(), _configured_autoencoder(cfg, False, device), text_encoder)
@@ -399,12 +405,12 @@ def load(checkpoint: str | Path, *, ema: bool = True, config: Optional[str | Pat
         if not cfg.autoencoder.weights and any(key.startswith(AE_PREFIX) for key in state):
             cfg.autoencoder.weights, own_scaling = str(path), True
     if any(key.startswith("unet.") for key in state):  # our consolidated Denoiser export
-        denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
+        denoiser = build_denoiser(_inference_model_config(cfg), cfg.conditioner)
         _load_denoiser_state(denoiser, state, str(path))
     elif path.is_dir() and (path / RUN_CONFIG).is_file():  # our folder export: U-Net + extras (layout)
         from ldmscale.models.interop import load_unet_weights
 
-        denoiser = build_denoiser(dataclasses.replace(cfg.model, weights=None), cfg.conditioner)
+        denoiser = build_denoiser(_inference_model_config(cfg), cfg.conditioner)
         load_unet_weights(denoiser.unet, path)
         if (path / DENOISER_EXTRAS).is_file():
             extras = read_weights(path / DENOISER_EXTRAS, what=str(path / DENOISER_EXTRAS))

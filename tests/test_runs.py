@@ -201,3 +201,15 @@ def test_only_runs_reads_or_writes_weights_files_and_no_library_module_imports_a
                     and where != "ldmscale/runs.py"):
                 readers.append(f"{where}:{node.lineno} calls torch.load")
     assert not readers and not cli_imports, (readers, cli_imports)
+
+
+def test_models_for_sampling_are_never_compiled():
+    """model.compile is a training setting: the trainer's grids and `sample` on a compiled run stay eager."""
+    from ldmscale.config import compose
+    from ldmscale.runs import build_models
+
+    cfg = compose(["model.compile=true", "model.compile_backend=eager"])
+    with pytest.warns(UserWarning, match="autoencoder.weights is not set"):
+        run = build_models(cfg)
+    assert cfg.model.compile  # the run's own config is left as trained
+    assert not [m for m in run.denoiser.modules() if getattr(m, "_compiled_call_impl", None) is not None]
