@@ -190,10 +190,8 @@ class AutoencoderTask:
             grad_logvar = torch.autograd.grad(terms["nll"], logvar, retain_graph=True)[0]
             surrogate = surrogate + (logvar * grad_logvar.detach()).sum()
         self.micro_steps += 1
-        # The surrogate can be finite where the loss is not: poison it (and the discriminator's loss) by the
-        # loss itself, decided on the device.
-        poison = torch.where(torch.isfinite(g_out.loss.detach()), 1.0, float("nan")).to(surrogate.dtype)
-        self.g_engine.backward(surrogate * poison)
+        # The surrogate can be finite where the loss is not: both players' steps are judged by the loss too.
+        self.g_engine.backward(surrogate, judged_by=(g_out.loss,))
         self.g_engine.step()
         logs = dict(g_out.logs)
         if disc_on:
@@ -201,7 +199,7 @@ class AutoencoderTask:
             logits_real = self.d_engine(pixels.detach())
             logits_fake = self.d_engine(recon.detach())
             d_out = self.loss_fn.discriminator_loss(logits_real.float(), logits_fake.float(), step)
-            self.d_engine.backward(d_out.loss * poison)
+            self.d_engine.backward(d_out.loss, judged_by=(g_out.loss,))
             self.d_engine.step()
             logs.update(d_out.logs)
         with torch.no_grad():

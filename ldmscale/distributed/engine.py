@@ -230,12 +230,15 @@ class Engine:
 
     forward = __call__
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of `loss`; a non-finite loss is made to poison every gradient (×NaN), so the overflow
+    def backward(self, loss: torch.Tensor, *, judged_by: tuple[torch.Tensor, ...] = ()) -> None:
+        """Backward of `loss`; a non-finite loss (or any non-finite tensor in `judged_by`: another player's
+        loss, the loss a surrogate stands for) is made to poison every gradient (×NaN), so the overflow
         check at the boundary drops the whole optimiser step on every rank (the gradient reduction spreads
-        the NaN). A finite loss is multiplied by exactly 1."""
-        poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
-        self._ds.backward(loss * poison)
+        the NaN). Decided on the device; a finite loss is multiplied by exactly 1."""
+        finite = torch.isfinite(loss.detach()).all()
+        for other in judged_by:
+            finite = finite & torch.isfinite(other.detach()).all()
+        self._ds.backward(loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype))
 
     def step(self) -> None:
         """DeepSpeed's step: a no-op between accumulation boundaries, the optimiser update at one."""
