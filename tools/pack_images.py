@@ -45,9 +45,12 @@ def _png(image: Any) -> bytes:
     return buffer.getvalue()
 
 
-def image_payloads(path: Path, resize: int, crop_size: int, crops: int, seed: int) -> Iterator[tuple[str, bytes]]:
+def image_payloads(path: Path, resize: int, crop_size: int, crops: int, seed: int,
+                   name: str = "") -> Iterator[tuple[str, bytes]]:
     """(extension, encoded bytes) for each sample made from one image: the file itself, a resized copy,
-    or `crops` random crops (at random scales between the short side = crop_size and the full image)."""
+    or `crops` random crops (at random scales between the short side = crop_size and the full image).
+    The crops are a function of (seed, `name`: the path under the packed folder), so the same images give
+    the same shards wherever the folder lives."""
     if not resize and not crop_size:
         ext = path.suffix.lower().lstrip(".")
         yield ("jpg" if ext == "jpeg" else ext), path.read_bytes()
@@ -64,7 +67,7 @@ def image_payloads(path: Path, resize: int, crop_size: int, crops: int, seed: in
         return
     if min(image.size) < crop_size:
         raise ValueError(f"{path}: {image.width}x{image.height} is smaller than --crop-size {crop_size}")
-    rng = random.Random(zlib.crc32(f"{seed}:{path}".encode()))
+    rng = random.Random(zlib.crc32(f"{seed}:{name or path.name}".encode()))
     for _ in range(crops):
         # A random zoom (down to crop_size on the short side) shows the model textures at several scales.
         scale = rng.uniform(crop_size / min(image.size), 1.0)
@@ -102,7 +105,8 @@ def pack(root: str | Path, out: str | Path, *, labels: str = "none", val_fractio
                 fields["txt"] = caption.read_text().strip()
             if names:
                 fields["cls"] = str(names.index(str(path.parent.relative_to(root))))
-            for ext, payload in image_payloads(path, resize, crop_size, crops_per_image if crop_size else 1, seed):
+            for ext, payload in image_payloads(path, resize, crop_size, crops_per_image if crop_size else 1, seed,
+                                               relative):
                 writers[split].write({"__key__": f"{counts[split]:09d}", ext: payload, **fields})
                 counts[split] += 1
     finally:

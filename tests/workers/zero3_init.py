@@ -57,8 +57,11 @@ def main() -> None:
     latents, _, cond = example_inputs(cfg, batch=1, device="cpu")
     batch = {"latents": torch.randn(latents.shape), **{k: torch.randn(v.shape) for k, v in cond.items()}}
     loss = task.train_step([batch], 0)["loss"].item()
-    print(json.dumps({"rank": dist.rank, "zero3_init": zero3_init, "partitioned": partitioned, "peak": peak,
-                      "full": full, "local": local, "loss": loss}), flush=True)
+    # Both ranks share the test's stdout: one write per line (print's separate "\n" write interleaves
+    # with the other rank's under PYTHONUNBUFFERED=1, as in CI).
+    sys.stdout.write(json.dumps({"rank": dist.rank, "zero3_init": zero3_init, "partitioned": partitioned,
+                                 "peak": peak, "full": full, "local": local, "loss": loss}) + "\n")
+    sys.stdout.flush()
     task.engine.destroy()
     env.teardown()
 
